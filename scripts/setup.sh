@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Set up a fresh machine: espeak-ng (test corpora), a virtualenv at .venv with the pinned
+# requirements, and this package installed in editable mode. Safe to rerun: reuses .venv.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null
+  else
+    sudo apt-get update -qq && sudo apt-get install -y -qq espeak-ng >/dev/null
+  fi
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip wheel setuptools
+# torch first: torchaudio pins its version, and the rest resolve against it.
+.venv/bin/python -m pip install -q -r requirements.txt
+.venv/bin/python -m pip install -q --no-deps -e .
+echo "environment ready: $(.venv/bin/python -c 'import torch, vall_e; print("torch", torch.__version__, "| vall_e", vall_e.__version__)')"

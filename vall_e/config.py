@@ -1,0 +1,148 @@
+"""The project's configuration: one typed dataclass shared by every entry point.
+
+Values merge as class defaults < ``yaml=<file>`` < ``key=value`` words (see :mod:`vall_e.utils.config`).
+``python -m vall_e.train help=true`` prints every field with its default.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Callable, Optional
+
+from .utils.config import BaseConfig, ConfigError, field
+
+_SPKR_GETTER = re.compile(r"^\s*lambda\s+(\w+)\s*:\s*(\w+)\s*\.\s*parts\s*\[\s*(-?\d+)\s*\]\s*$")
+
+
+def parse_spkr_name_getter(source: str) -> Callable[[Path], str]:
+    """Turn ``"lambda p: p.parts[-2]"`` into a function, without ``eval``.
+
+    Accepted: exactly ``lambda <name>: <name>.parts[<int>]`` (any spacing), meaning "the path
+    component at that index", e.g. ``-2`` = the utterance's folder, ``-3`` = its grandparent (the
+    LibriTTS speaker folder in ``<speaker>/<chapter>/<file>``). Anything else is rejected.
+    """
+    m = _SPKR_GETTER.match(source)
+    if m is None or m.group(1) != m.group(2):
+        raise ConfigError(
+            f"spkr_name_getter {source!r} is not understood: write it as 'lambda p: p.parts[<int>]' "
+            "(e.g. 'lambda p: p.parts[-2]' for the folder holding each file, "
+            "'lambda p: p.parts[-3]' for LibriTTS <speaker>/<chapter>/<file>)"
+        )
+    index = int(m.group(3))
+
+    def getter(path: Path) -> str:
+        parts = Path(path).parts
+        if not -len(parts) <= index < len(parts):
+            raise ValueError(f"spkr_name_getter index {index} is out of range for path {str(path)!r}")
+        return parts[index]
+
+    return getter
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Config(BaseConfig):
+    # data
+    data_root: str = field("data", help="root folder of corpora (informational; data_dirs are used as given)")
+    data_dirs: list[str] = field(default_factory=list, help="folders searched for <id>.qnt.pt + <id>.phn.txt")
+    spkr_name_getter: str = field("lambda p: p.parts[-2]", help="'lambda p: p.parts[<int>]': speaker from path")
+    min_phones: int = field(10, help="drop utterances with fewer phones")
+    max_phones: int = field(50, help="drop utterances with more phones")
+    p_additional_prompt: float = field(0.8, help="probability of adding one more prompt utterance")
+    max_prompts: int = field(3, help="most utterances concatenated into one acoustic prompt")
+    max_num_val: int = field(20, help="most utterances in each evaluation split")
+    max_val_ar_steps: int = field(300, help="AR generation steps during evaluation")
+    batch_frames: int = field(0, help="if > 0, batch by this many total frames instead of batch_size")
+
+    # model
+    num_tokens: int = field(1024, help="EnCodec codebook size")
+    model: str = field("ar-quarter", help="model preset: ar|nar with -half/-quarter/-tiny")
+    activation_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
+
+    # training
+    nj: int = field(8, help="dataloader workers")
+    batch_size: int = field(32, help="training batch size per process")
+    eval_batch_size: int = field(32, help="evaluation batch size")
+    warmup_min_lr: float = field(1e-6, help="learning rate at step 0")
+    warmup_max_lr: float = field(2e-4, help="peak learning rate after warmup")
+    warmup_num_steps: int = field(1000, help="steps of linear warmup")
+    max_iter: int = field(1_000_000, help="total training steps (lr decays to 0 there)")
+    gradient_clipping: float = field(100.0, help="max gradient norm")
+    gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
+    optimizer: str = field("adam", help="adam | adamw")
+    weight_decay: float = field(0.0, help="weight decay (adamw)")
+    zero_stage: int = field(0, help="DeepSpeed ZeRO stage 0-3")
+    use_fp16: bool = field(True, help="fp16 mixed precision on GPU (ignored on CPU)")
+    use_bf16: bool = field(False, help="bf16 mixed precision on GPU (takes precedence over use_fp16)")
+    eval_every: int = field(2000, help="evaluate every N steps")
+    save_ckpt_every: int = field(2000, help="save a checkpoint every N steps")
+    log_every: int = field(10, help="log training stats every N steps")
+    sampling_temperature: float = field(1.0, help="AR sampling temperature in evaluation")
+    cache_dataloader: bool = field(False, help="cache the scanned dataset index under the checkpoint folder")
+    ckpt_root: str = field("ckpts", help="checkpoints go to <ckpt_root>/<cfg_name>/")
+    log_root: str = field("logs", help="logs go to <log_root>/<cfg_name>/<start time>/")
+
+    # runtime
+    device: str = field(default_factory=_default_device, help="cuda when available, else cpu")
+    seed: int = field(0, help="random seed")
+    codec_weights: str = field("pretrained", help="pretrained | untrained | <path to an EnCodec checkpoint>")
+    yaml_path: Optional[str] = field(None, help="set by yaml=<file>; names the run (cfg_name)")
+
+    def validate(self) -> None:
+        parse_spkr_name_getter(self.spkr_name_getter)
+        if self.optimizer.lower() not in {"adam", "adamw"}:
+            raise ConfigError(f"optimizer={self.optimizer!r}: use 'adam' or 'adamw'")
+        if not 0 <= self.zero_stage <= 3:
+            raise ConfigError(f"zero_stage={self.zero_stage}: use 0, 1, 2 or 3")
+        for name in ("batch_size", "eval_batch_size", "max_prompts", "gradient_accumulation_steps", "max_iter"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.min_phones > self.max_phones:
+            raise ConfigError(f"min_phones={self.min_phones} is larger than max_phones={self.max_phones}")
+        if not 0.0 <= self.p_additional_prompt <= 1.0:
+            raise ConfigError(f"p_additional_prompt={self.p_additional_prompt} must be within [0, 1]")
+
+    # derived -----------------------------------------------------------------------------------
+
+    @property
+    def cfg_name(self) -> str:
+        """``config/LibriTTS/ar.yml`` -> ``LibriTTS/ar``; ``default`` without a yaml file."""
+        if self.yaml_path is None:
+            return "default"
+        path = Path(self.yaml_path).with_suffix("")
+        parts = path.parts
+        if "config" in parts:
+            parts = parts[len(parts) - parts[::-1].index("config"):]
+        elif path.is_absolute() or ".." in parts:
+            parts = (path.name,)  # never let a run name escape ckpt_root/log_root
+        return Path(*parts).as_posix() if parts else path.name
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.ckpt_root) / self.cfg_name
+
+    @cached_property
+    def start_time(self) -> str:
+        return datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.log_root) / self.cfg_name / self.start_time
+
+    @property
+    def get_spkr(self) -> Callable[[Path], str]:
+        return parse_spkr_name_getter(self.spkr_name_getter)
+
+    @property
+    def model_kind(self) -> str:
+        """``"ar"`` or ``"nar"``, from the preset name."""
+        return self.model.split("-")[0].lower()

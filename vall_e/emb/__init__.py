@@ -1,0 +1,1 @@
+"""Tokenizers: text -> phones (g2p) and audio <-> EnCodec codes (qnt)."""

@@ -1,0 +1,1 @@
+"""Training utilities: config base, distributed helpers, engines, trainer, small helpers."""
