@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -139,10 +140,22 @@ class BaseConfig:
                     raise ConfigError(_unknown_key_message(cls, str(key), f"in {str(path)!r}"))
             layers.append(loaded)
         if overrides:
+            # A string field takes its value verbatim: YAML would turn "lambda p: p.parts[-2]" into a mapping.
+            text_fields = cls._text_fields()
+            verbatim = {}
+            dotlist = []
+            for word in overrides:
+                key, _, value = word.partition("=")
+                if key in text_fields:
+                    optional = text_fields[key]
+                    verbatim[key] = None if optional and value in ("null", "~") else _unquote(value)
+                else:
+                    dotlist.append(word)
             try:
-                layers.append(OmegaConf.from_dotlist(list(overrides)))
+                layers.append(OmegaConf.from_dotlist(dotlist))
             except OmegaConfBaseException as e:
-                raise ConfigError(f"cannot parse overrides {list(overrides)}: {e}") from None
+                raise ConfigError(f"cannot parse overrides {dotlist}: {e}") from None
+            layers.append(OmegaConf.create(verbatim))
         try:
             merged = OmegaConf.merge(*layers)
             obj = OmegaConf.to_object(merged)
@@ -154,6 +167,12 @@ class BaseConfig:
         obj.validate()
         return obj
 
+    @classmethod
+    def _text_fields(cls) -> dict[str, bool]:
+        """String-typed fields, mapped to whether they are optional."""
+        hints = typing.get_type_hints(cls)
+        return {name: hint != str for name, hint in hints.items() if hint in (str, typing.Optional[str])}
+
     def validate(self) -> None:
         """Subclasses check value ranges here and raise :class:`ConfigError`."""
 
@@ -162,6 +181,12 @@ class BaseConfig:
 
     def dumps(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+
+def _unquote(value: str) -> str:
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
 
 
 def _unknown_key_message(cls: type[BaseConfig], key: str, where: str) -> str:

@@ -71,6 +71,8 @@ def init_distributed(device: str) -> None:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
     backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "gloo":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # keep DeepSpeed off a GPU the user did not ask for
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     import deepspeed

@@ -1,0 +1,165 @@
+"""Training entry point: ``python -m vall_e.train yaml=config/<name>/ar.yml [key=value ...]``.
+
+Multi-GPU / multi-node through the stock launchers::
+
+    deepspeed --num_gpus 8 -m vall_e.train yaml=config/LibriTTS/ar.yml
+    torchrun --nproc_per_node 8 -m vall_e.train yaml=config/LibriTTS/ar.yml
+
+Rerunning the same command resumes from ``ckpts/<cfg_name>/latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .config import Config
+from .data import DataBundle, DataError, load_data, summarize
+from .utils import distributed
+from .utils.helpers import atomic_write_text, seed_everything, setup_logging, to_device
+from .utils.trainer import TrainState, Trainer, log_stats
+
+_logger = logging.getLogger("vall_e.train")
+
+
+def _build_model(cfg: Config):
+    from .base import get_model
+
+    return get_model(cfg.model, activation_checkpointing=cfg.activation_checkpointing)
+
+
+def _codes_match(hyp: torch.Tensor, ref: torch.Tensor) -> float:
+    """Fraction of reference positions the hypothesis reproduces (a shorter hyp misses the rest)."""
+    n = min(len(hyp), len(ref))
+    return float((hyp[:n] == ref[:n]).sum()) / max(len(ref), 1)
+
+
+class Evaluator:
+    """Teacher-forced loss/accuracy and free-running generation on ``subtrain`` and ``val``.
+
+    Every rank runs the same forward passes (so ZeRO-3 partitioned weights can be gathered); rank 0
+    logs the stats and writes reference/hypothesis wavs under ``<log_dir>/eval/step<N>/<split>/``.
+    """
+
+    def __init__(self, cfg: Config, engine, data: DataBundle):
+        self.cfg, self.engine, self.data = cfg, engine, data
+        self._audio_failed = False
+
+    @torch.inference_mode()
+    def __call__(self, step: int) -> None:
+        for split in ("subtrain", "val"):
+            loader = self.data.eval_loader(split)
+            if len(loader.dataset) == 0:
+                continue
+            stats = self._run_split(loader, split, step)
+            if distributed.is_global_leader():
+                log_stats({"split": split, "step": step, **stats})
+
+    def _run_split(self, loader, split: str, step: int) -> dict[str, Any]:
+        cfg, model = self.cfg, self.engine.module
+        device = self.engine.device
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + step)
+        totals: dict[str, float] = {}
+        n_batches, n_utts = 0, 0
+        matches: list[float] = []
+        for bi, batch in enumerate(loader):
+            text, proms, resps = (to_device(batch[k], device) for k in ("text", "proms", "resps"))
+            if cfg.model_kind == "ar":
+                out = model(text, proms, resps)
+                hyps = model.generate(
+                    text, proms, max_steps=cfg.max_val_ar_steps, temperature=cfg.sampling_temperature, generator=gen
+                )
+                matches += [_codes_match(h, r[:, 0]) for h, r in zip(hyps, resps)]
+                hyp_codes = [h.unsqueeze(-1) for h in hyps]
+            else:
+                # a fixed level per sample keeps the teacher-forced numbers comparable across evals
+                levels = (torch.arange(len(text), device=device) + bi) % 7 + 1
+                out = model(text, proms, resps, quant_levels=levels)
+                hyp_codes = model.generate(text, proms, [r[:, :1] for r in resps], temperature=0.0)
+                matches += [float((h[:, 1:] == r[:, 1:]).float().mean()) for h, r in zip(hyp_codes, resps)]
+            for k, v in out.stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+            n_batches += 1
+            n_utts += len(text)
+            if distributed.is_global_leader():
+                self._write_audio(batch["path"], resps, hyp_codes, split, step)
+        stats = {k: v / n_batches for k, v in totals.items()}
+        stats["gen_match"] = sum(matches) / len(matches)
+        stats["n"] = n_utts
+        return stats
+
+    def _write_audio(self, paths, refs, hyps, split: str, step: int) -> None:
+        """Decode reference and hypothesis codes to wavs; a codec problem is reported once, not fatal."""
+        if self._audio_failed:
+            return
+        out_dir = self.cfg.log_dir / "eval" / f"step{step}" / split
+        try:
+            from .emb import qnt
+
+            for path, ref, hyp in zip(paths, refs, hyps):
+                uid = Path(path).name.split(".", 1)[0]
+                qnt.decode_to_file(ref.cpu(), out_dir / f"{uid}.ref.wav", device=self.cfg.device, codec_weights=self.cfg.codec_weights)
+                qnt.decode_to_file(hyp.cpu(), out_dir / f"{uid}.hyp.wav", device=self.cfg.device, codec_weights=self.cfg.codec_weights)
+        except Exception as e:  # e.g. pretrained weights unavailable offline
+            self._audio_failed = True
+            _logger.warning("evaluation audio is not written (codec_weights=%s): %s", self.cfg.codec_weights, e)
+
+
+def train(cfg: Config) -> int:
+    """Build model, engine and data from ``cfg``, resume if a checkpoint exists, train; returns exit status."""
+    distributed.init_distributed(cfg.device)
+    leader = distributed.is_global_leader()
+    setup_logging(cfg.log_dir if leader else None, level=logging.INFO if leader else logging.WARNING)
+    if leader:
+        _logger.info("config %s (cfg_name=%s, world size %d)\n%s", cfg.yaml_path, cfg.cfg_name, distributed.world_size(), cfg.dumps())
+    seed_everything(cfg.seed)
+
+    from .utils.engines import build_engine
+
+    model = _build_model(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    engine = build_engine(cfg, model)
+    state = Trainer.restore(engine, cfg.ckpt_dir)
+    if state is not None:
+        _logger.info("resumed from %s at step %d", cfg.ckpt_dir, state.step)
+
+    try:
+        data = load_data(cfg, phone_map=state.extra.get("phone_map") if state else None)
+    except DataError as e:
+        _logger.error("%s", e)
+        return 2
+    n_text_tokens = model.hparams["n_text_tokens"]
+    if len(data.phone_map) + 1 > n_text_tokens:
+        _logger.error("%d phone symbols do not fit the model's n_text_tokens=%d", len(data.phone_map), n_text_tokens)
+        return 2
+    if state is None:
+        state = TrainState(extra={"phone_map": data.phone_map, "model": cfg.model, "hparams": model.hparams})
+    if leader:
+        _logger.info("model %s: %.2fM parameters; data %s", cfg.model, n_params / 1e6, json.dumps(summarize(data)))
+        atomic_write_text(json.dumps(data.phone_map, indent=1), cfg.ckpt_dir / "phone_map.json")
+
+    rank = distributed.global_rank()
+    trainer = Trainer(
+        cfg,
+        engine,
+        make_loader=lambda start: data.train_loader(rank=rank, start_batch=start),
+        evaluate=Evaluator(cfg, engine, data),
+        state=state,
+    )
+    status = trainer.run()
+    distributed.barrier()
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = Config.from_cli(sys.argv[1:] if argv is None else argv)
+    raise SystemExit(train(cfg))
+
+
+if __name__ == "__main__":
+    main()

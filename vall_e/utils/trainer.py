@@ -1,0 +1,259 @@
+"""The training loop: steps, JSON stats, periodic checkpoints and evaluation, resume, stdin commands.
+
+Commands typed on the terminal while training runs (read by rank 0, broadcast to every rank):
+
+- ``save``: write a checkpoint now;
+- ``eval``: evaluate now;
+- ``quit``: write a checkpoint, then exit with status 0.
+
+Stats go to the log as one JSON object per line (``scripts/plot.py`` draws them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from . import distributed
+from .diagnostic import check_replicas_in_sync
+from .engines import load_checkpoint, save_checkpoint
+from .helpers import to_device
+
+_logger = logging.getLogger(__name__)
+
+COMMANDS = ("save", "eval", "quit")
+CLIENT_KEY = "vall_e"  # our part of a DeepSpeed checkpoint's client state
+
+
+def log_stats(stats: dict[str, Any]) -> None:
+    """One JSON object per line: the format ``scripts/plot.py`` reads."""
+    _logger.info(json.dumps(stats, sort_keys=True))
+
+
+class StdinCommands:
+    """Reads ``save``/``eval``/``quit`` lines from stdin on rank 0 without blocking training."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[str] = queue.Queue()
+        if distributed.is_global_leader() and sys.stdin is not None and not sys.stdin.closed:
+            threading.Thread(target=self._read, name="stdin-commands", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for line in sys.stdin:
+                word = line.strip().lower()
+                if word in COMMANDS:
+                    self._queue.put(word)
+                elif word:
+                    print(f"unknown command {word!r}; type one of {', '.join(COMMANDS)}", file=sys.stderr)
+        except (OSError, ValueError):  # stdin closed or not readable: no commands, train on
+            pass
+
+    def poll(self) -> str:
+        """The next command on every rank ("" for none): rank 0's choice is broadcast."""
+        try:
+            cmd = self._queue.get_nowait()
+        except queue.Empty:
+            cmd = ""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [cmd]
+            dist.broadcast_object_list(box, src=0)
+            cmd = box[0]
+        return cmd
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG's state, in types ``torch.load(weights_only=True)`` accepts (no numpy arrays)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint must hold beyond DeepSpeed's model/optimizer/scheduler state."""
+
+    step: int = 0
+    consumed_batches: int = 0  # loader batches drawn on this rank; the sampler skips them on resume
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. the phone map
+
+
+class Trainer:
+    """Drives one DeepSpeed engine to ``cfg.max_iter``.
+
+    Args:
+        cfg: the run's config.
+        engine: a DeepSpeed engine whose module's forward takes a batch's ``text``, ``proms``, ``resps``
+            lists and returns an object with ``loss`` and ``stats``.
+        make_loader: ``consumed_batches -> iterable of batches`` (lists of tensors per key).
+        evaluate: ``step -> None``, called on every rank (it decides who writes what).
+        state: restored or fresh :class:`TrainState`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        engine,
+        make_loader: Callable[[int], Any],
+        evaluate: Callable[[int], None],
+        state: TrainState,
+    ):
+        self.cfg = cfg
+        self.engine = engine
+        self.make_loader = make_loader
+        self.evaluate = evaluate
+        self.state = state
+        self.commands = StdinCommands()
+
+    # checkpoints -----------------------------------------------------------------------------
+
+    def client_state(self) -> dict[str, Any]:
+        from ..version import __version__
+
+        # One namespaced key: DeepSpeed mixes its own metadata into the client state it returns.
+        return {
+            CLIENT_KEY: {
+                "step": self.state.step,
+                "consumed_batches": self.state.consumed_batches,
+                "rng": rng_state(),
+                "version": __version__,
+                **self.state.extra,
+            }
+        }
+
+    def save(self) -> None:
+        t0 = time.time()
+        save_checkpoint(self.engine, self.cfg.ckpt_dir, self.state.step, self.client_state())
+        if self.cfg.zero_stage < 3:
+            check_replicas_in_sync(self.engine.module, self.state.step)
+        _logger.info("saved checkpoint %s/global_step%d (%.1fs)", self.cfg.ckpt_dir, self.state.step, time.time() - t0)
+
+    @staticmethod
+    def restore(engine, ckpt_dir: Path) -> TrainState | None:
+        """Load ``ckpt_dir/latest`` into ``engine`` and return the matching state, or ``None``."""
+        client = load_checkpoint(engine, ckpt_dir)
+        if client is None:
+            return None
+        if CLIENT_KEY not in client:
+            raise RuntimeError(f"{ckpt_dir}: the latest checkpoint was not written by vall_e.train (no {CLIENT_KEY!r} state)")
+        client = client[CLIENT_KEY]
+        set_rng_state(client["rng"])
+        extra = {k: v for k, v in client.items() if k not in {"step", "consumed_batches", "rng", "version"}}
+        return TrainState(step=int(client["step"]), consumed_batches=int(client["consumed_batches"]), extra=extra)
+
+    # loop --------------------------------------------------------------------------------------
+
+    def _batches(self) -> Iterator[dict[str, list[torch.Tensor]]]:
+        for batch in self.make_loader(self.state.consumed_batches):
+            self.state.consumed_batches += 1
+            yield batch
+
+    def _step(self, batches: Iterator[dict[str, list[torch.Tensor]]]) -> dict[str, float]:
+        """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the engine."""
+        engine, device = self.engine, self.engine.device
+        totals: dict[str, float] = {}
+        frames = 0
+        n_micro = self.cfg.gradient_accumulation_steps
+        grad_norm = None
+        for i in range(n_micro):
+            batch = next(batches)
+            text, proms, resps = (to_device(batch[k], device) for k in ("text", "proms", "resps"))
+            out = engine(text, proms, resps)
+            engine.backward(out.loss)
+            if i == n_micro - 1:
+                grad_norm = self._grad_norm()
+            engine.step()
+            for k, v in out.stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / n_micro
+            frames += sum(int(r.shape[0]) for r in resps)
+        totals["frames"] = float(frames)
+        if grad_norm is not None:
+            totals["grad_norm"] = grad_norm
+        return totals
+
+    def _grad_norm(self) -> float | None:
+        """Pre-clipping gradient norm, when the gradients are whole on this rank (ZeRO < 2)."""
+        if self.cfg.zero_stage >= 2:
+            return None
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
+
+    def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
+        """Average stats over ranks (frames are summed)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return stats
+        keys = sorted(stats)
+        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        n = dist.get_world_size()
+        return {k: (float(v) if k == "frames" else float(v) / n) for k, v in zip(keys, t.tolist())}
+
+    def run(self) -> int:
+        """Train to ``max_iter`` (or until ``quit``); returns the process exit status."""
+        cfg, engine = self.cfg, self.engine
+        if self.state.step >= cfg.max_iter:
+            _logger.info("already at step %d >= max_iter=%d: nothing to do", self.state.step, cfg.max_iter)
+            return 0
+        engine.train()
+        batches = self._batches()
+        t_start = time.time()
+        _logger.info("training from step %d to max_iter=%d", self.state.step, cfg.max_iter)
+        while self.state.step < cfg.max_iter:
+            t0 = time.time()
+            stats = self._reduce(self._step(batches))
+            self.state.step += 1
+            dt = time.time() - t0
+            step = self.state.step
+            if step % cfg.log_every == 0 or step == 1 or step == cfg.max_iter:
+                if "grad_norm" not in stats and engine.get_global_grad_norm() is not None:
+                    stats["grad_norm"] = float(engine.get_global_grad_norm())
+                log_stats(
+                    {
+                        "split": "train",
+                        "step": step,
+                        "loss": stats.pop("loss"),
+                        **{k: v for k, v in stats.items() if k != "frames"},
+                        "lr": float(engine.get_lr()[0]),
+                        "frames_per_s": stats["frames"] / max(dt, 1e-9),
+                        "step_s": dt,
+                        "elapsed_s": time.time() - t_start,
+                    }
+                )
+            command = self.commands.poll()
+            if step % cfg.save_ckpt_every == 0 or command in {"save", "quit"} or step == cfg.max_iter:
+                self.save()
+            if command == "quit":
+                _logger.info("quit requested at step %d: checkpoint saved, exiting", step)
+                return 0
+            if step % cfg.eval_every == 0 or command == "eval" or step == cfg.max_iter:
+                engine.eval()
+                cuda = [engine.device] if str(engine.device).startswith("cuda") else []
+                with torch.random.fork_rng(devices=cuda):  # eval must not shift the training RNG stream
+                    self.evaluate(step)
+                engine.train()
+        return 0
