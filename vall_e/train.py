@@ -138,7 +138,9 @@ def train(cfg: Config) -> int:
         _logger.error("%d phone symbols do not fit the model's n_text_tokens=%d", len(data.phone_map), n_text_tokens)
         return 2
     if state is None:
-        state = TrainState(extra={"phone_map": data.phone_map, "model": cfg.model, "hparams": model.hparams})
+        state = TrainState(
+            extra={"phone_map": data.phone_map, "speakers": data.speakers, "model": cfg.model, "hparams": model.hparams}
+        )
     if leader:
         _logger.info("model %s: %.2fM parameters; data %s", cfg.model, n_params / 1e6, json.dumps(summarize(data)))
         atomic_write_text(json.dumps(data.phone_map, indent=1), cfg.ckpt_dir / "phone_map.json")
