@@ -1,0 +1,286 @@
+"""The AR and NAR models: shapes, masking, KV-cached generation, sampling, and that they can learn."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vall_e.ar import AR
+from vall_e.base import PRESETS, ModelConfig, build_model, get_model, sample_logits
+from vall_e.nar import NAR
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_batch(lens, seed=0, n_text=256, n_audio=1024, levels=8):
+    """Random (text, prompt, response) lists with the given (t_text, t_prom, t_resp) per sample."""
+    g = torch.Generator().manual_seed(seed)
+    text = [torch.randint(1, n_text, (t,), generator=g) for t, _, _ in lens]
+    proms = [torch.randint(0, n_audio, (p, 8), generator=g) for _, p, _ in lens]
+    resps = [torch.randint(0, n_audio, (r, levels), generator=g) for _, _, r in lens]
+    return text, proms, resps
+
+
+LENS = [(7, 20, 15), (12, 9, 30), (3, 14, 4)]
+
+
+@pytest.fixture(scope="module")
+def ar():
+    torch.manual_seed(0)
+    return get_model("ar-tiny").eval()
+
+
+@pytest.fixture(scope="module")
+def nar():
+    torch.manual_seed(0)
+    return get_model("nar-tiny").eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_presets_and_factory():
+    for kind in ("ar", "nar"):
+        assert PRESETS[kind] == dict(kind=kind, d_model=1024, n_heads=16, n_layers=12)
+        assert PRESETS[f"{kind}-half"] == dict(kind=kind, d_model=512, n_heads=8, n_layers=12)
+        assert PRESETS[f"{kind}-quarter"] == dict(kind=kind, d_model=256, n_heads=4, n_layers=12)
+        assert f"{kind}-tiny" in PRESETS
+    model = get_model("ar-tiny", n_text_tokens=128)
+    assert isinstance(model, AR) and model.text_emb.num_embeddings == 128 and model.stop_token == 1024
+    assert model.hparams["n_resp_levels"] == 1 and model.hparams["preset"] == "ar-tiny"
+    nar = get_model("nar-tiny")
+    assert isinstance(nar, NAR) and nar.hparams["n_resp_levels"] == 8
+    # hparams are plain JSON and rebuild the same architecture
+    for m in (model, nar):
+        hp = json.loads(json.dumps(m.hparams))
+        rebuilt = build_model(hp)
+        assert type(rebuilt) is type(m)
+        rebuilt.load_state_dict(m.state_dict())
+    with pytest.raises(ValueError):
+        get_model("ar-huge")
+    with pytest.raises(ValueError):
+        ModelConfig(kind="ar", n_resp_levels=8)
+    assert not ModelConfig().activation_checkpointing
+
+
+# ---------------------------------------------------------------------------------------------
+# training forward
+
+
+def test_ar_forward_shapes(ar):
+    text, proms, resps = make_batch(LENS)
+    out = ar(text, proms, resps)
+    assert out.loss.shape == () and out.loss.requires_grad
+    assert set(out.stats) >= {"loss", "acc", "acc10"}
+    assert all(v.shape == () and not v.requires_grad for v in out.stats.values())
+    # only codebook 1 is used: a 1-D response gives the same loss
+    out1 = ar(text, proms, [r[:, 0] for r in resps])
+    torch.testing.assert_close(out1.loss, out.loss)
+    logits = ar.logits(text, proms, resps)
+    assert [tuple(x.shape) for x in logits] == [(r + 1, 1025) for _, _, r in LENS]
+
+
+def test_nar_forward_shapes(nar):
+    text, proms, resps = make_batch(LENS)
+    out = nar(text, proms, resps)
+    assert out.loss.shape == () and set(out.stats) >= {"loss", "acc", "acc10"}
+    logits = nar.logits(text, proms, resps, torch.tensor([1, 4, 7]))
+    assert [tuple(x.shape) for x in logits] == [(r, 1024) for _, _, r in LENS]
+    with pytest.raises(ValueError):
+        nar(text, proms, resps, quant_levels=torch.tensor([0, 1, 2]))
+
+
+def test_ar_is_causal(ar):
+    text, proms, resps = make_batch(LENS[:1])
+    i = 6
+    changed = resps[0].clone()
+    changed[i + 1 :] = (changed[i + 1 :] + 1) % 1024
+    a = ar.logits(text, proms, resps)[0]
+    b = ar.logits(text, proms, [changed])[0]
+    # row j predicts code j from codes < j: rows 0..i+1 see only codes 0..i
+    torch.testing.assert_close(a[: i + 2], b[: i + 2])
+    assert not torch.allclose(a[i + 2 :], b[i + 2 :])
+
+
+def test_nar_reads_only_lower_levels(nar):
+    text, proms, resps = make_batch(LENS[:1])
+    changed = resps[0].clone()
+    changed[:, 3:] = (changed[:, 3:] + 1) % 1024
+    a = nar.logits(text, proms, resps, torch.tensor([3]))[0]
+    b = nar.logits(text, proms, [changed], torch.tensor([3]))[0]
+    torch.testing.assert_close(a, b)
+    c = nar.logits(text, proms, resps, torch.tensor([4]))[0]  # now level 3 is an input
+    d = nar.logits(text, proms, [changed], torch.tensor([4]))[0]
+    assert not torch.allclose(c, d)
+
+
+def test_batch_independence(ar, nar):
+    text, proms, resps = make_batch(LENS)
+    batched = ar.logits(text, proms, resps)
+    for i in range(len(LENS)):
+        alone = ar.logits(text[i : i + 1], proms[i : i + 1], resps[i : i + 1])[0]
+        torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-4)
+    levels = torch.tensor([2, 5, 7])
+    batched = nar.logits(text, proms, resps, levels)
+    for i in range(len(LENS)):
+        alone = nar.logits(text[i : i + 1], proms[i : i + 1], resps[i : i + 1], levels[i : i + 1])[0]
+        torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_activation_checkpointing_same_gradients():
+    text, proms, resps = make_batch(LENS)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = get_model("nar-tiny", p_dropout=0.0, activation_checkpointing=ckpt).train()
+        model(text, proms, resps, quant_levels=torch.tensor([1, 2, 3])).loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling and generation
+
+
+def test_sample_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=g)
+    greedy = logits.argmax(-1)
+    assert torch.equal(sample_logits(logits, 0.0), greedy)
+    assert torch.equal(sample_logits(logits, 1.0, top_k=1, generator=g), greedy)
+    assert torch.equal(sample_logits(logits, 1.0, top_p=1e-6, generator=g), greedy)
+    top3 = logits.topk(3).indices
+    for _ in range(20):
+        s = sample_logits(logits, 2.0, top_k=3, generator=g)
+        assert (top3 == s[:, None]).any(-1).all()
+    a = sample_logits(logits, 1.0, generator=torch.Generator().manual_seed(7))
+    b = sample_logits(logits, 1.0, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    # nucleus: with one dominant token (p=0.9) top_p=0.5 keeps only it
+    peaked = torch.tensor([[5.0, 0.0, 0.0, 0.0]])
+    assert all(sample_logits(peaked, 1.0, top_p=0.5, generator=g).item() == 0 for _ in range(20))
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_greedy_cache_equals_recompute(ar, with_prefix):
+    text, proms, resps = make_batch(LENS, seed=1)
+    prefix = [r[:n, 0] for r, n in zip(resps, (5, 0, 3))] if with_prefix else None
+    kw = dict(max_steps=25, temperature=0.0, prefix_list=prefix)
+    cached = ar.generate(text, proms, **kw)
+    recomputed = ar.generate(text, proms, use_cache=False, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(cached, recomputed))
+    assert all(len(c) > 0 for c in cached)
+
+
+def test_sampled_cache_equals_recompute(ar):
+    text, proms, _ = make_batch(LENS, seed=2)
+    kw = dict(max_steps=20, temperature=1.0, top_k=50, top_p=0.9)
+    a = ar.generate(text, proms, generator=torch.Generator().manual_seed(3), **kw)
+    b = ar.generate(text, proms, generator=torch.Generator().manual_seed(3), use_cache=False, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_batched_equals_single(ar):
+    text, proms, resps = make_batch(LENS, seed=3)
+    prefix = [r[:n, 0] for r, n in zip(resps, (2, 6, 0))]
+    batched = ar.generate(text, proms, max_steps=30, temperature=0.0, prefix_list=prefix)
+    for i in range(len(LENS)):
+        alone = ar.generate(text[i : i + 1], proms[i : i + 1], max_steps=30, temperature=0.0, prefix_list=prefix[i : i + 1])
+        assert torch.equal(batched[i], alone[0])
+
+
+def test_ignore_stop_and_stop_token(ar):
+    text, proms, _ = make_batch(LENS, seed=4)
+    out = ar.generate(text, proms, max_steps=17, temperature=1.0, ignore_stop=True, generator=torch.Generator().manual_seed(0))
+    assert [len(o) for o in out] == [17, 17, 17]
+    assert all(int(o.max()) < ar.stop_token for o in out)
+    # a model that always prefers the stop token returns empty responses
+    model = get_model("ar-tiny")
+    with torch.no_grad():
+        model.classifier.bias[model.stop_token] = 100.0
+    assert [len(o) for o in model.generate(text, proms, max_steps=5, temperature=0.0)] == [0, 0, 0]
+    assert model.training  # generate restores the training flag
+
+
+def test_nar_generate(nar):
+    text, proms, resps = make_batch(LENS, seed=5)
+    out = nar.generate(text, proms, [r[:, 0] for r in resps])
+    assert [tuple(o.shape) for o in out] == [(r, 8) for _, _, r in LENS]
+    assert all(torch.equal(o[:, 0], r[:, 0]) for o, r in zip(out, resps))
+    assert all(int(o.max()) < 1024 and int(o.min()) >= 0 for o in out)
+    out3 = nar.generate(text, proms, [r[:, :3] for r in resps], max_levels=5)
+    assert [tuple(o.shape) for o in out3] == [(r, 5) for _, _, r in LENS]
+    assert all(torch.equal(o[:, :3], r[:, :3]) for o, r in zip(out3, resps))
+    # greedy generation in a batch equals one sample at a time
+    for i in range(len(LENS)):
+        alone = nar.generate(text[i : i + 1], proms[i : i + 1], [resps[i][:, 0]])[0]
+        assert torch.equal(alone, out[i])
+
+
+# ---------------------------------------------------------------------------------------------
+# learning: tiny models memorize two utterances
+
+
+def _two_utterances():
+    g = torch.Generator().manual_seed(1234)
+    text = [torch.randint(1, 256, (12,), generator=g) for _ in range(2)]
+    proms = [torch.randint(0, 1024, (40, 8), generator=g) for _ in range(2)]
+    resps = [torch.randint(0, 1024, (n, 8), generator=g) for n in (50, 42)]
+    return text, proms, resps
+
+
+def test_tiny_ar_overfits_two_utterances():
+    torch.manual_seed(0)
+    text, proms, resps = _two_utterances()
+    model = get_model("ar-tiny", p_dropout=0.0).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(1, 601):
+        opt.zero_grad(set_to_none=True)
+        out = model(text, proms, resps)
+        out.loss.backward()
+        opt.step()
+        if step % 50 == 0 and out.stats["acc"] == 1.0:
+            generated = model.generate(text, proms, max_steps=80, temperature=0.0)
+            if all(torch.equal(g, r[:, 0]) for g, r in zip(generated, resps)):
+                break
+    generated = model.generate(text, proms, max_steps=80, temperature=0.0)
+    # exact codes, and each sample stops at its own length (50 and 42)
+    assert [len(g) for g in generated] == [50, 42]
+    assert all(torch.equal(g, r[:, 0]) for g, r in zip(generated, resps))
+
+
+def test_tiny_nar_overfits_two_utterances():
+    torch.manual_seed(0)
+    text, proms, resps = _two_utterances()
+    model = get_model("nar-tiny", p_dropout=0.0).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    levels = torch.arange(1, 8)
+
+    def accuracy() -> float:
+        hits = total = 0
+        with torch.no_grad():
+            for level in levels:
+                logits = model.logits(text, proms, resps, torch.full((2,), int(level)))
+                for lg, r in zip(logits, resps):
+                    hits += int((lg.argmax(-1) == r[:, level]).sum())
+                    total += len(r)
+        return hits / total
+
+    # every level of both utterances in each step: the 7 levels as 14 samples
+    batch = [x for x in (text, proms, resps)]
+    rep = [[x[i] for _ in levels for i in range(2)] for x in batch]
+    quant_levels = levels.repeat_interleave(2)
+    acc = 0.0
+    for step in range(1, 801):
+        opt.zero_grad(set_to_none=True)
+        model(*rep, quant_levels=quant_levels).loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            acc = accuracy()
+            if acc >= 0.95:
+                break
+    assert acc >= 0.95

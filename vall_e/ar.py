@@ -1,0 +1,216 @@
+"""The autoregressive model: codebook 1 of the response, one frame at a time, ended by a stop token."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Base, ModelOutput, sample_logits, select_spans
+
+
+class AR(Base):
+    """Causal transformer over ``[text, SEP, prompt, SEP, codebook-1 response]`` predicting the next code.
+
+    Training targets are the response codes followed by the stop token (id ``n_audio_tokens`` = 1024):
+    the second SEP predicts the first code, each code predicts the next, the last code predicts stop.
+    Only response (and stop) positions are in the loss. The reference implementation also trained
+    the AR to predict the next *text* token (and, through an off-by-one, never trained the prediction
+    of the first response code); we train response + stop only, which is what generation uses.
+
+    Generation (:meth:`generate`) keeps a preallocated key/value cache so each new frame costs one
+    token's worth of compute.
+    """
+
+    kind = "ar"
+    causal = True
+
+    @property
+    def n_input_levels(self) -> int:
+        return 1
+
+    @property
+    def n_input_tokens(self) -> int:
+        return self.config.n_audio_tokens + 1  # the stop token can be fed back during batched generation
+
+    @property
+    def n_classes(self) -> int:
+        return self.config.n_audio_tokens + 1
+
+    @property
+    def stop_token(self) -> int:
+        return self.config.n_audio_tokens
+
+    # training ---------------------------------------------------------------------------------
+
+    def _response_logits(
+        self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor]
+    ) -> tuple[Tensor, Tensor, list[int]]:
+        """Logits ``(sum(t_i + 1), n_classes)`` at the positions that predict response codes and stop,
+        the matching targets ``(sum(t_i + 1),)`` and the per-sample counts ``t_i + 1``."""
+        resp_list = [r if r.dim() == 1 else r[:, 0] for r in resps_list]
+        lens = [len(r) for r in resp_list]
+        resp = torch.cat(resp_list)
+        h, resp_start, _ = self._hidden(text_list, proms_list, self.resp_emb(resp[:, None]), lens)
+        counts = [n + 1 for n in lens]
+        logits = self.classifier(select_spans(h, resp_start, torch.tensor(counts, device=h.device)))
+        stop = resp.new_full((1,), self.stop_token)
+        targets = torch.cat([t for r in resp_list for t in (r, stop)])
+        return logits, targets, counts
+
+    def forward(self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor]) -> ModelOutput:
+        """Next-code loss on the response.
+
+        Args:
+            text_list: b x ``(t_text,)`` phone ids.
+            proms_list: b x ``(t_prom, 8)`` prompt codes.
+            resps_list: b x ``(t_resp,)`` or ``(t_resp, l)`` response codes; only codebook 1 (column 0) is used.
+        Returns:
+            :class:`ModelOutput` with the mean cross-entropy over all response + stop targets.
+        """
+        logits, targets, _ = self._response_logits(text_list, proms_list, resps_list)
+        return self._output(logits, targets)
+
+    def logits(self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor]) -> list[Tensor]:
+        """Per sample, ``(t_resp + 1, n_classes)`` logits: row i predicts response code i (the last row, stop)."""
+        logits, _, counts = self._response_logits(text_list, proms_list, resps_list)
+        return list(logits.split(counts))
+
+    # generation -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        text_list: list[Tensor],
+        proms_list: list[Tensor],
+        max_steps: int = 1000,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        prefix_list: Optional[list[Tensor]] = None,
+        ignore_stop: bool = False,
+        use_cache: bool = True,
+    ) -> list[Tensor]:
+        """Sample codebook 1 for every sample of a batch.
+
+        Args:
+            text_list: b x ``(t_text,)`` phone ids.
+            proms_list: b x ``(t_prom, 8)`` prompt codes.
+            max_steps: most frames generated per sample.
+            temperature: softmax temperature; 0 is greedy.
+            top_k: keep only the k most likely codes (0 = off).
+            top_p: nucleus sampling mass (1 = off).
+            generator: random source for reproducible sampling (on the model's device).
+            prefix_list: b x ``(t_prefix,)`` codebook-1 codes already known (continuation mode, e.g. the
+                prompt's own codes); generation continues after them and they are not returned.
+            ignore_stop: never emit the stop token (its logit is masked) and run exactly ``max_steps``
+                steps; for benchmarks.
+            use_cache: False recomputes the whole sequence at every step (the reference's way; for
+                tests and benchmarks).
+        Returns:
+            b x ``(t_gen,)`` generated codes, without the stop token.
+        """
+        b = len(text_list)
+        if prefix_list is None:
+            prefix_list = [text_list[0].new_zeros(0) for _ in range(b)]
+        was_training = self.training
+        self.eval()  # no dropout while sampling
+        try:
+            decoder = (_CachedDecoder if use_cache else _RecomputeDecoder)(self, text_list, proms_list, prefix_list, max_steps)
+            out = torch.full((b, max_steps), self.stop_token, dtype=torch.long, device=self.device)
+            stopped = torch.zeros(b, dtype=torch.bool, device=self.device)
+            logits = decoder.logits
+            for step in range(max_steps):
+                if ignore_stop:
+                    logits[:, self.stop_token] = -math.inf
+                token = sample_logits(logits, temperature, top_k, top_p, generator)
+                out[:, step] = token
+                if not ignore_stop:
+                    stopped |= token == self.stop_token
+                    if bool(stopped.all()):
+                        break
+                if step + 1 < max_steps:
+                    logits = decoder.step(token)
+        finally:
+            self.train(was_training)
+        # each sample ends at its first stop token (later steps of a stopped sample are discarded)
+        is_stop = out == self.stop_token
+        lens = torch.where(is_stop.any(1), is_stop.int().argmax(1), max_steps).tolist()
+        return [out[i, :n] for i, n in enumerate(lens)]
+
+
+class _CachedDecoder:
+    """Incremental decoding with a preallocated key/value cache.
+
+    The prefixes (``[text, SEP, prompt, SEP, prefix codes]``) are left-padded to a common length P,
+    so every sample's k-th new token lands in the same cache column P + k; each sample keeps its own
+    positions, and a mask hides the padding columns (no mask at all when nothing is padded).
+    """
+
+    def __init__(self, model: AR, text_list, proms_list, prefix_list, max_steps: int):
+        cfg = model.config
+        self.model = model
+        lens = [len(p) for p in prefix_list]
+        codes = torch.cat(prefix_list)
+        x_list = model._sequences(text_list, proms_list, model.resp_emb(codes[:, None]), lens)
+        seq_lens = torch.tensor([len(x) for x in x_list], device=model.device)
+        b, P, T = len(x_list), int(seq_lens.max()), int(seq_lens.max()) + max_steps
+        self.pe = model._positions(T)  # (T, d)
+        x = nn.utils.rnn.pad_sequence(
+            [xi + self.pe[: len(xi)] for xi in x_list], batch_first=True, padding_side="left"
+        )  # (b, P, d)
+        self.cache = x.new_empty(cfg.n_layers, 2, b, cfg.n_heads, T, cfg.d_model // cfg.n_heads)
+        self.layer_caches = self.cache.unbind(0)
+        self.pos = seq_lens.clone()  # position of each sample's next token
+        self.col = P  # cache column of the next token (shared)
+        if bool((seq_lens == P).all()):
+            prefill_mask, self.step_mask = None, None
+        else:
+            valid = torch.arange(T, device=x.device) >= (P - seq_lens)[:, None]  # (b, T) False on padding
+            causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
+            # padding rows may only see themselves: a fully masked row would give NaN
+            eye = torch.eye(P, dtype=torch.bool, device=x.device)
+            prefill_mask = (causal & valid[:, None, :P]) | eye  # (b, P, P)
+            prefill_mask = prefill_mask[:, None]  # (b, 1, P, P)
+            # additive float mask: SDPA would convert a boolean one at every layer of every step
+            self.step_mask = torch.zeros(b, 1, 1, T, dtype=x.dtype, device=x.device)
+            self.step_mask.masked_fill_(~valid[:, None, None, :], -math.inf)
+        h = model._body(x, attn_mask=prefill_mask, is_causal=prefill_mask is None, kv_cache=self.cache)
+        self.logits = model.classifier(h[:, -1])  # (b, n_classes): the last column is every sample's last token
+
+    def step(self, token: Tensor) -> Tensor:
+        """Feed the sampled tokens ``(b,)``; return the next logits ``(b, n_classes)``."""
+        model = self.model
+        x = F.embedding(token, model.resp_emb.weight).add_(self.pe.index_select(0, self.pos))  # codebook-1 rows start at 0
+        mask = None if self.step_mask is None else self.step_mask[..., : self.col + 1]
+        for block, cache in zip(model.blocks, self.layer_caches):
+            x = block.step(x, cache, self.col, mask)
+        self.col += 1
+        self.pos += 1
+        norm, classifier = model.norm.ln, model.classifier
+        x = F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias)
+        return torch.addmm(classifier.bias, x, classifier.weight)
+
+
+class _RecomputeDecoder:
+    """Reference-style decoding: run the whole sequence again for every new token (no cache)."""
+
+    def __init__(self, model: AR, text_list, proms_list, prefix_list, max_steps: int):
+        self.model, self.text_list, self.proms_list = model, text_list, proms_list
+        self.resp_list = list(prefix_list)
+        self.logits = self._last_logits()
+
+    def _last_logits(self) -> Tensor:
+        model = self.model
+        lens = [len(r) for r in self.resp_list]
+        emb = model.resp_emb(torch.cat(self.resp_list)[:, None])
+        h, _, seq_lens = model._hidden(self.text_list, self.proms_list, emb, lens)
+        return model.classifier(h[torch.arange(len(h), device=h.device), seq_lens - 1])
+
+    def step(self, token: Tensor) -> Tensor:
+        self.resp_list = [torch.cat([r, t[None]]) for r, t in zip(self.resp_list, token)]
+        return self._last_logits()

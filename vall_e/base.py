@@ -1,0 +1,482 @@
+"""The transformer shared by the AR and NAR models, the preset table and the model factory.
+
+Both models read one sequence per utterance (Wang et al. 2023, VALL-E, as laid out by the
+reference implementation)::
+
+    [ text phones | SEP | prompt frames | SEP | response frames ]
+
+- text phones: one learned embedding per phone id;
+- prompt frames: the sum of the 8 codebook embeddings of each EnCodec frame;
+- response frames: codebook 1 for the AR; for the NAR the sum of the levels given so far;
+- SEP: one learned vector, used at both places;
+- sinusoidal positions over the whole sequence, added to the embeddings.
+
+The body is a pre-norm transformer; the NAR conditions every norm on the level it predicts (AdaLN).
+A classifier on top predicts audio codes (1024, plus a stop token for the AR).
+
+Inputs are lists of variable-length tensors; the models pad internally and mask padding, so a
+sample's outputs never depend on the other members of its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# Reference presets (DESIGN.md, fixed names) plus a tiny one for tests.
+_SIZES = {
+    "": dict(d_model=1024, n_heads=16, n_layers=12),
+    "-half": dict(d_model=512, n_heads=8, n_layers=12),
+    "-quarter": dict(d_model=256, n_heads=4, n_layers=12),
+    "-tiny": dict(d_model=64, n_heads=2, n_layers=2),
+}
+PRESETS: dict[str, dict] = {f"{kind}{suffix}": dict(kind=kind, **size) for kind in ("ar", "nar") for suffix, size in _SIZES.items()}
+
+
+@dataclass
+class ModelConfig:
+    """Hyper-parameters of one model; plain JSON-able values (saved with checkpoints as ``hparams``).
+
+    Args:
+        kind: ``"ar"`` (causal, predicts codebook 1 and a stop token) or ``"nar"`` (bidirectional,
+            predicts codebooks 2..8 one level at a time).
+        d_model: width of the residual stream.
+        n_heads: attention heads; must divide ``d_model``.
+        n_layers: transformer blocks.
+        n_text_tokens: size of the phone vocabulary (id 0 is reserved for padding by the data side).
+        n_audio_tokens: EnCodec codebook size; the AR's stop token is this id.
+        n_prompt_levels: codebooks summed into each prompt frame.
+        n_resp_levels: codebooks the model deals with in the response: 1 for the AR, 8 for the NAR
+            (it reads levels 1..7 and predicts levels 2..8). ``None`` picks that default from ``kind``.
+        p_dropout: dropout on the residual branches and inside the feed-forward block.
+        activation_checkpointing: recompute each block in the backward pass (less memory, ~30% slower).
+        preset: the preset name this config came from, if any (informational).
+    """
+
+    kind: str = "ar"
+    d_model: int = 1024
+    n_heads: int = 16
+    n_layers: int = 12
+    n_text_tokens: int = 256
+    n_audio_tokens: int = 1024
+    n_prompt_levels: int = 8
+    n_resp_levels: Optional[int] = None
+    p_dropout: float = 0.1
+    activation_checkpointing: bool = False
+    preset: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ar", "nar"):
+            raise ValueError(f"kind={self.kind!r}: use 'ar' or 'nar'")
+        if self.n_resp_levels is None:
+            self.n_resp_levels = 1 if self.kind == "ar" else 8
+        if self.kind == "ar" and self.n_resp_levels != 1:
+            raise ValueError(f"the AR models codebook 1 only; got n_resp_levels={self.n_resp_levels}")
+        if self.kind == "nar" and self.n_resp_levels < 2:
+            raise ValueError(f"the NAR needs at least 2 response levels; got {self.n_resp_levels}")
+        if self.d_model % self.n_heads or self.d_model % 2:
+            raise ValueError(f"d_model={self.d_model} must be even and divisible by n_heads={self.n_heads}")
+
+
+def get_model(name: str, **overrides) -> "Base":
+    """Build a fresh model from a preset name, e.g. ``get_model("ar-quarter", n_text_tokens=128)``."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return build_model({**PRESETS[name], "preset": name, **overrides})
+
+
+def build_model(hparams: dict) -> "Base":
+    """Rebuild a model (untrained) from ``model.hparams``; load its ``state_dict`` afterwards."""
+    from .ar import AR  # late imports: ar/nar import this module
+    from .nar import NAR
+
+    config = ModelConfig(**hparams)
+    return (AR if config.kind == "ar" else NAR)(config)
+
+
+@dataclass
+class ModelOutput:
+    """What a training forward returns.
+
+    Attributes:
+        loss: scalar mean cross-entropy over the response targets (differentiable).
+        stats: detached scalars for logging: ``loss``, ``acc`` (top-1) and ``acc10`` (top-10 accuracy),
+            all over response targets only.
+    """
+
+    loss: Tensor
+    stats: dict[str, Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# building blocks
+
+
+class Linear(nn.Module):
+    """``x @ weight + bias`` with ``weight`` stored as ``(d_in, d_out)``.
+
+    nn.Linear up to the storage order. The order matters for one-token decoding on CPU, which is
+    bound by reading the weights: a row vector times an ``(in, out)`` matrix streams them about 2.5x
+    faster through MKL than ``F.linear`` with nn.Linear's ``(out, in)`` layout (measured on the
+    benchmark machine); for large batches the two are equally fast.
+    """
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+        nn.init.normal_(self.weight, 0.0, 0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: ``(..., d_in)`` -> ``(..., d_out)``."""
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.mm(x2, self.weight) if self.bias is None else torch.addmm(self.bias, x2, self.weight)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class MultiEmbedding(nn.Module):
+    """Sum of per-level embeddings: a frame ``(l,)`` of codes maps to ``sum_j E_j[code_j]``.
+
+    One table holds every level (level ``j`` uses rows ``j * n_tokens ...``), and
+    ``F.embedding_bag(mode="sum")`` does the lookups and the sum in one kernel, without one-hot
+    matrices. Row ``n_levels * n_tokens`` is a zero padding row: codes ``< 0`` (masked levels) map to it.
+    """
+
+    def __init__(self, n_levels: int, n_tokens: int, d_model: int):
+        super().__init__()
+        self.n_levels, self.n_tokens = n_levels, n_tokens
+        self.pad_row = n_levels * n_tokens
+        self.weight = nn.Parameter(torch.randn(n_levels * n_tokens + 1, d_model))
+        with torch.no_grad():
+            self.weight[self.pad_row].zero_()
+        self.register_buffer("offsets", torch.arange(n_levels) * n_tokens, persistent=False)
+
+    def forward(self, codes: Tensor) -> Tensor:
+        """codes: ``(n, l)`` with ``l <= n_levels`` (``-1`` = leave this level out) -> ``(n, d)``."""
+        rows = codes + self.offsets[: codes.shape[-1]]
+        rows = rows.masked_fill(codes < 0, self.pad_row)
+        return F.embedding_bag(rows, self.weight, mode="sum", padding_idx=self.pad_row)
+
+
+class Norm(nn.Module):
+    """LayerNorm; with ``n_levels > 0`` an AdaLN whose scale and shift depend on the level.
+
+    AdaLN as the VALL-E paper writes it: ``exp(log_gamma[l]) * LayerNorm(x) + beta[l]``, starting
+    at the identity affine (zero init). The reference code also multiplied by an "AdaNorm" factor
+    ``2 * (1 - 0.1 * h.detach())``; we follow the paper.
+    """
+
+    def __init__(self, d_model: int, n_levels: int = 0):
+        super().__init__()
+        self.d_model = d_model
+        if n_levels:
+            self.ada = nn.Embedding(n_levels, 2 * d_model)
+            nn.init.zeros_(self.ada.weight)
+            self.ln = nn.LayerNorm(d_model, elementwise_affine=False)
+        else:
+            self.ada = None
+            self.ln = nn.LayerNorm(d_model)
+
+    def forward(self, x: Tensor, cond: Optional[Tensor] = None) -> Tensor:
+        """x: ``(b, t, d)``; cond: ``(b,)`` level indices (AdaLN only) -> ``(b, t, d)``."""
+        h = self.ln(x)
+        if self.ada is None:
+            return h
+        log_gamma, beta = self.ada(cond).unsqueeze(1).chunk(2, dim=-1)  # (b, 1, d) each
+        return torch.addcmul(beta, h, log_gamma.exp())
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention through ``F.scaled_dot_product_attention``, with an optional KV cache."""
+
+    def __init__(self, d_model: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.qkv = Linear(d_model, 3 * d_model, bias=False)  # one fused matmul for q, k and v
+        self.proj = Linear(d_model, d_model)
+
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        kv_cache: Optional[Tensor] = None,
+        start: int = 0,
+    ) -> Tensor:
+        """Attend ``x`` to itself, or, with a cache, to everything cached so far plus ``x``.
+
+        Args:
+            x: ``(b, t, d)``.
+            attn_mask: boolean (True = may attend) or additive float, broadcastable to
+                ``(b, h, t, start + t)``.
+            is_causal: lower-triangular masking (only without a cache).
+            kv_cache: ``(2, b, h, T, d_head)`` keys and values of this layer; ``x``'s are written at
+                columns ``start .. start + t`` and the attention reads columns ``0 .. start + t``.
+            start: column of ``x``'s first token in the cache.
+        Returns:
+            ``(b, t, d)``.
+        """
+        b, t, d = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.n_heads, self.d_head).permute(2, 0, 3, 1, 4)  # (3, b, h, t, dh)
+        q, k, v = qkv.unbind(0)
+        if kv_cache is not None:
+            kv_cache[:, :, :, start : start + t].copy_(qkv[1:])  # one in-place write for k and v
+            k, v = kv_cache[:, :, :, : start + t].unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))``, then ``x + ffn(norm(x))``."""
+
+    def __init__(self, d_model: int, n_heads: int, p_dropout: float, n_levels: int = 0):
+        super().__init__()
+        self.p_dropout = p_dropout
+        self.norm1 = Norm(d_model, n_levels)
+        self.attn = SelfAttention(d_model, n_heads)
+        self.norm2 = Norm(d_model, n_levels)
+        self.fc1 = Linear(d_model, 4 * d_model)
+        self.fc2 = Linear(4 * d_model, d_model)
+
+    def forward(
+        self,
+        x: Tensor,
+        cond: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        kv_cache: Optional[Tensor] = None,
+        start: int = 0,
+    ) -> Tensor:
+        """x: ``(b, t, d)``, cond: ``(b,)`` AdaLN levels or None; the rest as in :class:`SelfAttention`."""
+        p = self.p_dropout if self.training else 0.0
+        x = x + F.dropout(self.attn(self.norm1(x, cond), attn_mask, is_causal, kv_cache, start), p, self.training)
+        h = F.dropout(F.gelu(self.fc1(self.norm2(x, cond))), p, self.training)
+        return x + F.dropout(self.fc2(h), p, self.training)
+
+    def step(self, x: Tensor, kv_cache: Tensor, col: int, attn_mask: Optional[Tensor] = None) -> Tensor:
+        """One new token per sample against a KV cache: ``forward`` in eval mode, in fewer dispatches.
+
+        Token-by-token decoding on CPU pays per operation, so this calls the kernels directly with
+        the block's parameters (no module calls, no dropout, fused bias/residual adds). LayerNorm
+        blocks only (the AR); equality with ``forward`` is covered by the cache-vs-recompute test.
+
+        Args:
+            x: ``(b, d)`` the new tokens.
+            kv_cache: ``(2, b, h, T, d_head)``; the token's key and value go to column ``col``.
+            col: cache column of the new token; attention reads columns ``0 .. col``.
+            attn_mask: additive ``(b, 1, 1, col + 1)`` (``-inf`` on padding), or None.
+        Returns:
+            ``(b, d)``.
+        """
+        b, d = x.shape
+        attn, n1, n2 = self.attn, self.norm1.ln, self.norm2.ln
+        qkv = torch.mm(F.layer_norm(x, (d,), n1.weight, n1.bias), attn.qkv.weight).view(b, 3, attn.n_heads, attn.d_head)
+        kv_cache[:, :, :, col].copy_(qkv[:, 1:].transpose(0, 1))
+        k, v = kv_cache[:, :, :, : col + 1].unbind(0)  # (b, h, col + 1, dh)
+        y = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v, attn_mask=attn_mask)  # (b, h, 1, dh)
+        x = torch.addmm(x, y.reshape(b, d), attn.proj.weight).add_(attn.proj.bias)
+        h = F.gelu(torch.addmm(self.fc1.bias, F.layer_norm(x, (d,), n2.weight, n2.bias), self.fc1.weight))
+        return torch.addmm(x, h, self.fc2.weight).add_(self.fc2.bias)
+
+
+def sample_logits(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """Draw one token per row of ``logits`` ``(b, c)`` -> ``(b,)``.
+
+    ``temperature == 0`` is greedy. ``top_k > 0`` keeps the k most likely tokens; ``top_p < 1`` keeps
+    the smallest set whose probability reaches ``top_p`` (nucleus). Without either, no sort is done.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p  # keep tokens until the mass before them reaches p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# the shared model
+
+
+class Base(nn.Module):
+    """Embeddings, transformer body and classifier shared by :class:`~vall_e.ar.AR` and :class:`~vall_e.nar.NAR`.
+
+    Subclasses set ``kind``, ``causal`` and how many response levels they embed.
+    """
+
+    ModelOutput = ModelOutput
+    kind: str = ""
+    causal: bool = False
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        if config.kind != self.kind:
+            raise ValueError(f"{type(self).__name__} needs a config with kind={self.kind!r}, got {config.kind!r}")
+        self.config = config
+        d = config.d_model
+        self.text_emb = nn.Embedding(config.n_text_tokens, d)
+        self.prom_emb = MultiEmbedding(config.n_prompt_levels, config.n_audio_tokens, d)
+        self.resp_emb = MultiEmbedding(self.n_input_levels, self.n_input_tokens, d)
+        self.sep = nn.Parameter(torch.randn(d))
+        half = d // 2
+        self.register_buffer("omega", torch.exp(-math.log(1e4) * torch.arange(half) / half), persistent=False)
+        self.blocks = nn.ModuleList(
+            Block(d, config.n_heads, config.p_dropout, self.n_cond_levels) for _ in range(config.n_layers)
+        )
+        self.norm = Norm(d, self.n_cond_levels)  # final norm (absent in the reference; standard for pre-norm)
+        self.classifier = Linear(d, self.n_classes)
+        # GPT-2 style: Linear starts at N(0, 0.02); the residual-branch outputs are scaled down by
+        # depth so the residual stream starts near its input. Embeddings keep N(0, 1) like the
+        # reference, on the scale of the sinusoidal positions.
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.fc2):
+                nn.init.normal_(proj.weight, 0.0, 0.02 / math.sqrt(2 * config.n_layers))
+
+    # subclass knobs ---------------------------------------------------------------------------
+
+    @property
+    def n_input_levels(self) -> int:
+        """Response codebooks the model reads."""
+        raise NotImplementedError
+
+    @property
+    def n_input_tokens(self) -> int:
+        """Token ids per response codebook embedding (the AR also embeds its stop token)."""
+        return self.config.n_audio_tokens
+
+    @property
+    def n_classes(self) -> int:
+        return self.config.n_audio_tokens
+
+    @property
+    def n_cond_levels(self) -> int:
+        """Rows of the AdaLN level embedding; 0 for plain LayerNorm."""
+        return 0
+
+    # public helpers ---------------------------------------------------------------------------
+
+    @property
+    def hparams(self) -> dict:
+        """Everything :func:`build_model` needs to rebuild this architecture."""
+        return dataclasses.asdict(self.config)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sep.device
+
+    # internals --------------------------------------------------------------------------------
+
+    def _positions(self, n: int) -> Tensor:
+        """Sinusoidal position embeddings ``(n, d)``: ``[sin(p * w), cos(p * w)]`` as in the reference."""
+        angles = torch.arange(n, device=self.omega.device, dtype=torch.float32)[:, None] * self.omega
+        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.sep.dtype)
+
+    def _sequences(
+        self,
+        text_list: list[Tensor],
+        proms_list: list[Tensor],
+        resp_emb: Optional[Tensor] = None,
+        resp_lens: Optional[list[int]] = None,
+    ) -> list[Tensor]:
+        """Per-sample embedded sequences ``[text, SEP, prompt, SEP, response]`` without positions.
+
+        Args:
+            text_list: b x ``(t_text,)`` phone ids.
+            proms_list: b x ``(t_prom, n_prompt_levels)`` codes.
+            resp_emb: ``(sum(resp_lens), d)`` embedded responses in sample order, or None for the
+                prefix only.
+            resp_lens: response length of each sample.
+        Returns:
+            b x ``(t_text + 1 + t_prom + 1 + t_resp, d)``.
+        """
+        text = self.text_emb(torch.cat(text_list)).split([len(t) for t in text_list])
+        prom = self.prom_emb(torch.cat(proms_list)).split([len(p) for p in proms_list])
+        sep = self.sep[None]
+        if resp_emb is None:
+            return [torch.cat([t, sep, p, sep]) for t, p in zip(text, prom)]
+        resp = resp_emb.split(resp_lens)
+        return [torch.cat([t, sep, p, sep, r]) for t, p, r in zip(text, prom, resp)]
+
+    def _body(
+        self,
+        x: Tensor,
+        cond: Optional[Tensor] = None,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        kv_cache: Optional[Tensor] = None,
+        start: int = 0,
+    ) -> Tensor:
+        """Run the blocks and the final norm: ``(b, t, d)`` -> ``(b, t, d)``.
+
+        kv_cache: ``(n_layers, 2, b, h, T, d_head)`` or None (see :class:`SelfAttention`).
+        """
+        ckpt = self.config.activation_checkpointing and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            cache = None if kv_cache is None else kv_cache[i]
+            if ckpt:
+                x = checkpoint(block, x, cond, attn_mask, is_causal, cache, start, use_reentrant=False)
+            else:
+                x = block(x, cond, attn_mask, is_causal, cache, start)
+        return self.norm(x, cond)
+
+    def _hidden(
+        self,
+        text_list: list[Tensor],
+        proms_list: list[Tensor],
+        resp_emb: Tensor,
+        resp_lens: list[int],
+        cond: Optional[Tensor] = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Embed, right-pad and run the full sequences.
+
+        Returns:
+            h: ``(b, t_max, d)`` final hidden states;
+            resp_start: ``(b,)`` index of each sample's second SEP (the token before the response);
+            lens: ``(b,)`` sequence lengths.
+        """
+        x_list = self._sequences(text_list, proms_list, resp_emb, resp_lens)
+        lens = torch.tensor([len(x) for x in x_list], device=self.device)
+        x = nn.utils.rnn.pad_sequence(x_list, batch_first=True)  # right padding
+        x = x + self._positions(x.shape[1])
+        attn_mask = None
+        if not self.causal and int(lens.min()) != x.shape[1]:
+            # bidirectional: hide padding keys; with right padding causal attention already never sees them
+            attn_mask = (torch.arange(x.shape[1], device=x.device) < lens[:, None])[:, None, None, :]
+        h = self._body(x, cond, attn_mask, is_causal=self.causal)
+        resp_start = torch.tensor([len(t) + len(p) + 1 for t, p in zip(text_list, proms_list)], device=self.device)
+        return h, resp_start, lens
+
+    def _output(self, logits: Tensor, targets: Tensor) -> ModelOutput:
+        """Loss and accuracies over flat response ``logits`` ``(n, c)`` and ``targets`` ``(n,)``."""
+        loss = F.cross_entropy(logits.float(), targets)
+        with torch.no_grad():
+            acc = (logits.argmax(-1) == targets).float().mean()
+            top10 = logits.topk(min(10, logits.shape[-1]), dim=-1).indices
+            acc10 = (top10 == targets[:, None]).any(-1).float().mean()
+        return ModelOutput(loss=loss, stats={"loss": loss.detach(), "acc": acc, "acc10": acc10})
+
+
+def select_spans(h: Tensor, start: Tensor, length: Tensor) -> Tensor:
+    """Gather ``h[i, start[i] : start[i] + length[i]]`` for every sample, concatenated: ``(sum length, d)``."""
+    t = torch.arange(h.shape[1], device=h.device)
+    keep = (t >= start[:, None]) & (t < (start + length)[:, None])  # (b, t), row-major = sample order
+    return h[keep]

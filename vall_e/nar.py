@@ -1,0 +1,130 @@
+"""The non-autoregressive model: codebooks 2..8 of the response, one level per pass."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .base import Base, ModelOutput, sample_logits, select_spans
+
+
+class NAR(Base):
+    """Bidirectional transformer over ``[text, SEP, prompt, SEP, response levels 1..l]`` predicting level l+1.
+
+    Levels are 0-based in code: level 0 is codebook 1 (the AR's output), levels 1..7 are codebooks
+    2..8. To predict level ``l`` the response frames embed the sum of levels ``0..l-1``, and every
+    norm is an AdaLN conditioned on ``l``. Training picks one random level per sample, as the
+    reference does; the loss covers the response frames only.
+    """
+
+    kind = "nar"
+    causal = False
+
+    @property
+    def n_input_levels(self) -> int:
+        return self.config.n_resp_levels - 1  # the last level is only ever predicted
+
+    @property
+    def n_cond_levels(self) -> int:
+        return self.config.n_resp_levels - 1  # AdaLN row l-1 conditions the prediction of level l
+
+    def _response_logits(
+        self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor], quant_levels: Tensor
+    ) -> Tensor:
+        """Logits ``(sum t_resp, n_classes)`` predicting level ``quant_levels[i]`` of every response frame.
+
+        ``resps_list[i]`` is ``(t_resp, l)`` with at least ``quant_levels[i]`` levels; levels from
+        ``quant_levels[i]`` on are ignored.
+        """
+        lens = [len(r) for r in resps_list]
+        n_in = self.n_input_levels
+        codes = torch.cat([r[:, :n_in] for r in resps_list])  # (n, <= n_in)
+        row_level = quant_levels.repeat_interleave(torch.tensor(lens, device=quant_levels.device))
+        hidden_level = torch.arange(codes.shape[1], device=codes.device) >= row_level[:, None]
+        codes = codes.masked_fill(hidden_level, -1)  # -1 = leave this level out of the sum
+        h, resp_start, _ = self._hidden(text_list, proms_list, self.resp_emb(codes), lens, cond=quant_levels - 1)
+        return self.classifier(select_spans(h, resp_start + 1, torch.tensor(lens, device=h.device)))
+
+    def _check_levels(self, quant_levels: Tensor) -> None:
+        if bool(((quant_levels < 1) | (quant_levels >= self.config.n_resp_levels)).any()):
+            raise ValueError(f"quant_levels must be within 1..{self.config.n_resp_levels - 1}, got {quant_levels.tolist()}")
+
+    def forward(
+        self,
+        text_list: list[Tensor],
+        proms_list: list[Tensor],
+        resps_list: list[Tensor],
+        quant_levels: Optional[Tensor] = None,
+    ) -> ModelOutput:
+        """Loss of predicting one level per sample from the levels below it.
+
+        Args:
+            text_list: b x ``(t_text,)`` phone ids.
+            proms_list: b x ``(t_prom, 8)`` prompt codes.
+            resps_list: b x ``(t_resp, 8)`` response codes.
+            quant_levels: ``(b,)`` 0-based level to predict per sample, in ``1..7``; drawn uniformly
+                (from the global torch RNG) when None.
+        Returns:
+            :class:`ModelOutput` with the mean cross-entropy over all response frames.
+        """
+        b, device = len(resps_list), self.device
+        if quant_levels is None:
+            quant_levels = torch.randint(1, self.config.n_resp_levels, (b,))
+        quant_levels = quant_levels.to(device)
+        self._check_levels(quant_levels)
+        logits = self._response_logits(text_list, proms_list, resps_list, quant_levels)
+        targets = torch.cat([r[:, l] for r, l in zip(resps_list, quant_levels.tolist())])
+        return self._output(logits, targets)
+
+    def logits(
+        self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor], quant_levels: Tensor
+    ) -> list[Tensor]:
+        """Per sample, ``(t_resp, n_classes)`` logits for level ``quant_levels[i]``."""
+        quant_levels = quant_levels.to(self.device)
+        self._check_levels(quant_levels)
+        logits = self._response_logits(text_list, proms_list, resps_list, quant_levels)
+        return list(logits.split([len(r) for r in resps_list]))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        text_list: list[Tensor],
+        proms_list: list[Tensor],
+        resps_list: list[Tensor],
+        temperature: float = 0.0,
+        generator: Optional[torch.Generator] = None,
+        max_levels: int = 8,
+    ) -> list[Tensor]:
+        """Fill in the missing levels of every response, one pass per level.
+
+        Args:
+            text_list: b x ``(t_text,)`` phone ids.
+            proms_list: b x ``(t_prom, 8)`` prompt codes.
+            resps_list: b x ``(t_resp, l)`` the known levels (``l >= 1``, the same for all samples;
+                a 1-D tensor counts as ``l = 1``).
+            temperature: 0 is greedy (default); small values (e.g. 0.2) sample near-greedily.
+            generator: random source when sampling.
+            max_levels: fill levels up to this count (at most ``n_resp_levels``).
+        Returns:
+            b x ``(t_resp, max_levels)`` codes.
+        """
+        resps_list = [r[:, None] if r.dim() == 1 else r for r in resps_list]
+        known = {r.shape[1] for r in resps_list}
+        if len(known) != 1:
+            raise ValueError(f"all responses must have the same number of known levels, got {sorted(known)}")
+        if not 1 <= max_levels <= self.config.n_resp_levels:
+            raise ValueError(f"max_levels must be within 1..{self.config.n_resp_levels}, got {max_levels}")
+        lens = [len(r) for r in resps_list]
+        was_training = self.training
+        self.eval()
+        try:
+            for level in range(known.pop(), max_levels):
+                quant_levels = torch.full((len(resps_list),), level, device=self.device)
+                logits = self._response_logits(text_list, proms_list, resps_list, quant_levels)
+                codes = sample_logits(logits, temperature, generator=generator).split(lens)
+                resps_list = [torch.cat([r, c[:, None]], dim=1) for r, c in zip(resps_list, codes)]
+        finally:
+            self.train(was_training)
+        return [r[:, :max_levels] for r in resps_list]
