@@ -1,0 +1,149 @@
+"""Model benchmark: AR generation (KV cache vs recompute), NAR inference and training steps.
+
+Prints one JSON object. Shapes follow the issue's reference measurements: a 3 s prompt (225
+frames), 40 phones, batch 1 (and 8), 10 s of audio = 750 frames; training at batch 4 with 40
+phones, 225 prompt frames and 300 response frames (forward + backward + Adam step). Generation
+runs exactly the stated number of steps (``ignore_stop=True``). Weights are random: speed does not
+depend on them. Each timing is the best of ``--repeats`` runs (the CPU may be shared).
+
+    python scripts/benchmark.py                      # CPU, 2 threads, quarter preset
+    python scripts/benchmark.py --device cuda --preset full
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from vall_e.base import get_model  # noqa: E402
+
+PROMPT_FRAMES, N_PHONES, AUDIO_10S = 225, 40, 750
+TRAIN_BATCH, TRAIN_RESP = 4, 300
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn, repeats: int, device: torch.device) -> float:
+    """Smallest wall time of ``repeats`` calls of ``fn`` (seconds)."""
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def inputs(batch: int, n_resp: int, device: torch.device, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    text = [torch.randint(1, 256, (N_PHONES,), generator=g).to(device) for _ in range(batch)]
+    proms = [torch.randint(0, 1024, (PROMPT_FRAMES, 8), generator=g).to(device) for _ in range(batch)]
+    resps = [torch.randint(0, 1024, (n_resp, 8), generator=g).to(device) for _ in range(batch)]
+    return text, proms, resps
+
+
+def bench_ar_generation(ar, device, repeats: int, quick: bool) -> dict:
+    out: dict = {}
+    text1, proms1, _ = inputs(1, 0, device)
+    gen = lambda text, proms, steps, **kw: ar.generate(text, proms, max_steps=steps, ignore_stop=True, **kw)  # noqa: E731
+    gen(text1, proms1, 20)  # warm-up
+
+    def sampled(text, proms, steps):
+        g = torch.Generator(device).manual_seed(0)
+        return lambda: gen(text, proms, steps, temperature=1.0, generator=g)
+
+    for steps in (150, AUDIO_10S):
+        out[f"ar_ms_per_token_cached_{steps}"] = best_time(sampled(text1, proms1, steps), repeats, device) / steps * 1e3
+    text8, proms8, _ = inputs(8, 0, device, seed=1)
+    t8 = best_time(sampled(text8, proms8, AUDIO_10S), max(1, repeats - 1), device)
+    out["ar_ms_per_token_cached_750_batch8"] = t8 / (8 * AUDIO_10S) * 1e3  # per generated token
+    out["ar_ms_per_step_cached_750_batch8"] = t8 / AUDIO_10S * 1e3
+
+    # Recompute-everything decoding (the reference's way), greedy, and the cache check on the same input.
+    steps = 40 if quick else 150
+    result = {}
+
+    def uncached():
+        result["codes"] = gen(text1, proms1, steps, temperature=0.0, use_cache=False)[0]
+
+    out["ar_ms_per_token_uncached_150"] = best_time(uncached, 1, device) / steps * 1e3
+    cached = gen(text1, proms1, steps, temperature=0.0)[0]
+    out["greedy_cache_match"] = bool(torch.equal(cached, result["codes"]))
+    if quick:
+        out["uncached_steps_measured"] = steps
+    return out
+
+
+def bench_nar_inference(nar, device, repeats: int) -> float:
+    text, proms, resps = inputs(1, AUDIO_10S, device)
+    first = [r[:, 0] for r in resps]
+    nar.generate(text, proms, [f[:50] for f in first])  # warm-up
+    return best_time(lambda: nar.generate(text, proms, first), repeats, device)
+
+
+def bench_training(model, device, repeats: int) -> float:
+    """Seconds per optimizer step at batch 4 (fwd + bwd + Adam)."""
+    text, proms, resps = inputs(TRAIN_BATCH, TRAIN_RESP, device, seed=2)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(text, proms, resps).loss.backward()
+        opt.step()
+
+    step()  # warm-up (allocates optimizer state)
+    return best_time(step, repeats, device)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--preset", default="quarter", help="quarter (default) | half | full | tiny")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
+    parser.add_argument("--quick", action="store_true", help="one run each and a 40-step uncached measurement")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    repeats = 1 if args.quick else args.repeats
+    suffix = "" if args.preset in ("full", "") else f"-{args.preset}"
+    torch.manual_seed(0)
+    ar = get_model(f"ar{suffix}").to(device).eval()
+    nar = get_model(f"nar{suffix}").to(device).eval()
+
+    result: dict = {}
+    result.update(bench_ar_generation(ar, device, repeats, args.quick))
+    result["nar_infer_s_10s"] = bench_nar_inference(nar, device, repeats)
+    result["synth_10s_s"] = result["ar_ms_per_token_cached_750"] * AUDIO_10S / 1e3 + result["nar_infer_s_10s"]
+
+    result["ar_train_step_s"] = bench_training(ar, device, repeats)
+    result["ar_train_frames_per_s"] = TRAIN_BATCH * TRAIN_RESP / result["ar_train_step_s"]
+    result["nar_train_step_s"] = bench_training(nar, device, repeats)
+    result["nar_train_frames_per_s"] = TRAIN_BATCH * TRAIN_RESP / result["nar_train_step_s"]
+
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    if device.type == "cuda":
+        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    result["preset"] = f"ar{suffix}/nar{suffix}"
+    result["torch"] = torch.__version__
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+
+
+if __name__ == "__main__":
+    main()
