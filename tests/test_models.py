@@ -11,7 +11,14 @@ from vall_e.ar import AR
 from vall_e.base import PRESETS, ModelConfig, build_model, get_model, sample_logits
 from vall_e.nar import NAR
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared CPU a busy second core stalls them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_batch(lens, seed=0, n_text=256, n_audio=1024, levels=8):

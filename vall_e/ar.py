@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Base, ModelOutput, sample_logits, select_spans
+from .base import Base, Block, ModelOutput, sample_logits, select_spans
 
 
 class AR(Base):
@@ -123,6 +123,8 @@ class AR(Base):
             decoder = (_CachedDecoder if use_cache else _RecomputeDecoder)(self, text_list, proms_list, prefix_list, max_steps)
             out = torch.full((b, max_steps), self.stop_token, dtype=torch.long, device=self.device)
             stopped = torch.zeros(b, dtype=torch.bool, device=self.device)
+            # asking "all stopped?" waits for the device; on a GPU ask every few steps only
+            check_every = 1 if self.device.type == "cpu" else 16
             logits = decoder.logits
             for step in range(max_steps):
                 if ignore_stop:
@@ -131,7 +133,7 @@ class AR(Base):
                 out[:, step] = token
                 if not ignore_stop:
                     stopped |= token == self.stop_token
-                    if bool(stopped.all()):
+                    if step % check_every == 0 and bool(stopped.all()):
                         break
                 if step + 1 < max_steps:
                     logits = decoder.step(token)
@@ -151,7 +153,9 @@ class _CachedDecoder:
     positions, and a mask hides the padding columns (no mask at all when nothing is padded).
     """
 
-    def __init__(self, model: AR, text_list, proms_list, prefix_list, max_steps: int):
+    def __init__(
+        self, model: AR, text_list: list[Tensor], proms_list: list[Tensor], prefix_list: list[Tensor], max_steps: int
+    ):
         cfg = model.config
         self.model = model
         lens = [len(p) for p in prefix_list]
@@ -164,7 +168,9 @@ class _CachedDecoder:
             [xi + self.pe[: len(xi)] for xi in x_list], batch_first=True, padding_side="left"
         )  # (b, P, d)
         self.cache = x.new_empty(cfg.n_layers, 2, b, cfg.n_heads, T, cfg.d_model // cfg.n_heads)
-        self.layer_caches = self.cache.unbind(0)
+        self.layers = [(block.step_params(), cache) for block, cache in zip(model.blocks, self.cache.unbind(0))]
+        norm = model.norm.ln
+        self.head = (norm.weight, norm.bias, norm.eps, model.classifier.weight, model.classifier.bias)
         self.pos = seq_lens.clone()  # position of each sample's next token
         self.col = P  # cache column of the next token (shared)
         if bool((seq_lens == P).all()):
@@ -187,19 +193,20 @@ class _CachedDecoder:
         model = self.model
         x = F.embedding(token, model.resp_emb.weight).add_(self.pe.index_select(0, self.pos))  # codebook-1 rows start at 0
         mask = None if self.step_mask is None else self.step_mask[..., : self.col + 1]
-        for block, cache in zip(model.blocks, self.layer_caches):
-            x = block.step(x, cache, self.col, mask)
+        for params, cache in self.layers:
+            x = Block.step(x, params, cache, self.col, mask)
         self.col += 1
         self.pos += 1
-        norm, classifier = model.norm.ln, model.classifier
-        x = F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias)
-        return torch.addmm(classifier.bias, x, classifier.weight)
+        norm_w, norm_b, eps, cls_w, cls_b = self.head
+        return torch.addmm(cls_b, torch.layer_norm(x, x.shape[-1:], norm_w, norm_b, eps), cls_w)
 
 
 class _RecomputeDecoder:
     """Reference-style decoding: run the whole sequence again for every new token (no cache)."""
 
-    def __init__(self, model: AR, text_list, proms_list, prefix_list, max_steps: int):
+    def __init__(
+        self, model: AR, text_list: list[Tensor], proms_list: list[Tensor], prefix_list: list[Tensor], max_steps: int
+    ):
         self.model, self.text_list, self.proms_list = model, text_list, proms_list
         self.resp_list = list(prefix_list)
         self.logits = self._last_logits()

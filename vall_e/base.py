@@ -260,30 +260,44 @@ class Block(nn.Module):
         h = F.dropout(F.gelu(self.fc1(self.norm2(x, cond))), p, self.training)
         return x + F.dropout(self.fc2(h), p, self.training)
 
-    def step(self, x: Tensor, kv_cache: Tensor, col: int, attn_mask: Optional[Tensor] = None) -> Tensor:
+    def step_params(self) -> tuple:
+        """The tensors :meth:`step` reads, gathered once per generation: at one token, looking up
+        module attributes costs about as much as the small kernels themselves."""
+        if self.norm1.ada is not None:
+            raise ValueError("Block.step supports LayerNorm blocks (the AR) only")
+        n1, n2, attn = self.norm1.ln, self.norm2.ln, self.attn
+        return (
+            n1.weight, n1.bias, attn.qkv.weight, attn.proj.weight, attn.proj.bias,
+            n2.weight, n2.bias, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            attn.n_heads, n1.eps,
+        )  # fmt: skip
+
+    @staticmethod
+    def step(x: Tensor, params: tuple, kv_cache: Tensor, col: int, attn_mask: Optional[Tensor] = None) -> Tensor:
         """One new token per sample against a KV cache: ``forward`` in eval mode, in fewer dispatches.
 
-        Token-by-token decoding on CPU pays per operation, so this calls the kernels directly with
-        the block's parameters (no module calls, no dropout, fused bias/residual adds). LayerNorm
-        blocks only (the AR); equality with ``forward`` is covered by the cache-vs-recompute test.
+        Token-by-token decoding on CPU pays per operation, so this calls the kernels directly on the
+        block's tensors (``params`` from :meth:`step_params`): no module calls, no dropout, residual
+        adds fused into the matmuls. Equality with ``forward`` is covered by the cache-vs-recompute test.
 
         Args:
             x: ``(b, d)`` the new tokens.
+            params: :meth:`step_params` of the block.
             kv_cache: ``(2, b, h, T, d_head)``; the token's key and value go to column ``col``.
             col: cache column of the new token; attention reads columns ``0 .. col``.
             attn_mask: additive ``(b, 1, 1, col + 1)`` (``-inf`` on padding), or None.
         Returns:
             ``(b, d)``.
         """
+        ln1_w, ln1_b, w_qkv, w_proj, b_proj, ln2_w, ln2_b, w_fc1, b_fc1, w_fc2, b_fc2, n_heads, eps = params
         b, d = x.shape
-        attn, n1, n2 = self.attn, self.norm1.ln, self.norm2.ln
-        qkv = torch.mm(F.layer_norm(x, (d,), n1.weight, n1.bias), attn.qkv.weight).view(b, 3, attn.n_heads, attn.d_head)
-        kv_cache[:, :, :, col].copy_(qkv[:, 1:].transpose(0, 1))
-        k, v = kv_cache[:, :, :, : col + 1].unbind(0)  # (b, h, col + 1, dh)
-        y = F.scaled_dot_product_attention(qkv[:, 0, :, None], k, v, attn_mask=attn_mask)  # (b, h, 1, dh)
-        x = torch.addmm(x, y.reshape(b, d), attn.proj.weight).add_(attn.proj.bias)
-        h = F.gelu(torch.addmm(self.fc1.bias, F.layer_norm(x, (d,), n2.weight, n2.bias), self.fc1.weight))
-        return torch.addmm(x, h, self.fc2.weight).add_(self.fc2.bias)
+        qkv = torch.mm(torch.layer_norm(x, (d,), ln1_w, ln1_b, eps), w_qkv).view(b, 3, n_heads, d // n_heads)
+        kv_cache.select(3, col).copy_(qkv.narrow(1, 1, 2).transpose(0, 1))  # k and v in one write
+        k, v = kv_cache.narrow(3, 0, col + 1).unbind(0)  # (b, h, col + 1, dh)
+        y = F.scaled_dot_product_attention(qkv.select(1, 0).unsqueeze(2), k, v, attn_mask=attn_mask)  # (b, h, 1, dh)
+        x = torch.addmm(x, y.reshape(b, d), w_proj).add_(b_proj)
+        h = F.gelu(torch.addmm(b_fc1, torch.layer_norm(x, (d,), ln2_w, ln2_b, eps), w_fc1))
+        return torch.addmm(x, h, w_fc2).add_(b_fc2)
 
 
 def sample_logits(
@@ -306,8 +320,8 @@ def sample_logits(
         logits = logits.masked_fill(logits < kth, -math.inf)
     if top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p  # keep tokens until the mass before them reaches p
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep tokens until the mass before them reaches p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -387,7 +401,8 @@ class Base(nn.Module):
 
     def _positions(self, n: int) -> Tensor:
         """Sinusoidal position embeddings ``(n, d)``: ``[sin(p * w), cos(p * w)]`` as in the reference."""
-        angles = torch.arange(n, device=self.omega.device, dtype=torch.float32)[:, None] * self.omega
+        # float32 even in a half-precision model: positions reach the thousands
+        angles = torch.arange(n, device=self.omega.device, dtype=torch.float32)[:, None] * self.omega.float()
         return torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.sep.dtype)
 
     def _sequences(
@@ -454,11 +469,12 @@ class Base(nn.Module):
             lens: ``(b,)`` sequence lengths.
         """
         x_list = self._sequences(text_list, proms_list, resp_emb, resp_lens)
-        lens = torch.tensor([len(x) for x in x_list], device=self.device)
+        lengths = [len(x) for x in x_list]
+        lens = torch.tensor(lengths, device=self.device)
         x = nn.utils.rnn.pad_sequence(x_list, batch_first=True)  # right padding
         x = x + self._positions(x.shape[1])
         attn_mask = None
-        if not self.causal and int(lens.min()) != x.shape[1]:
+        if not self.causal and min(lengths) != max(lengths):
             # bidirectional: hide padding keys; with right padding causal attention already never sees them
             attn_mask = (torch.arange(x.shape[1], device=x.device) < lens[:, None])[:, None, None, :]
         h = self._body(x, cond, attn_mask, is_causal=self.causal)
