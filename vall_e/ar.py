@@ -114,6 +114,11 @@ class AR(Base):
         Returns:
             b x ``(t_gen,)`` generated codes, without the stop token.
         """
+        model = self._unsharded()
+        if model is not self:
+            return model.generate(
+                text_list, proms_list, max_steps, temperature, top_k, top_p, generator, prefix_list, ignore_stop, use_cache
+            )
         b = len(text_list)
         if prefix_list is None:
             prefix_list = [text_list[0].new_zeros(0) for _ in range(b)]
@@ -143,7 +148,6 @@ class AR(Base):
         is_stop = out == self.stop_token
         lens = torch.where(is_stop.any(1), is_stop.int().argmax(1), max_steps).tolist()
         return [out[i, :n] for i, n in enumerate(lens)]
-
 
 class _CachedDecoder:
     """Incremental decoding with a preallocated key/value cache.

@@ -397,6 +397,23 @@ class Base(nn.Module):
     def device(self) -> torch.device:
         return self.sep.device
 
+    def _unsharded(self) -> "Base":
+        """``self``, or a plain full-weight copy when DeepSpeed ZeRO-3 shards the weights.
+
+        ZeRO-3 gathers a module's weights in hooks around its ``forward``; generation calls the
+        layers and tensors directly (the cached token loop on purpose), so it runs on a copy instead.
+        Under ZeRO-3 this is a collective: every rank must generate, as the trainer's evaluation does.
+        """
+        sharded = [p for p in self.parameters() if hasattr(p, "ds_id")]
+        if not sharded:
+            return self
+        import deepspeed
+
+        copy = type(self)(self.config).to(self.device)
+        with deepspeed.zero.GatheredParameters(sharded):
+            copy.load_state_dict(self.state_dict())
+        return copy.train(self.training)
+
     # internals --------------------------------------------------------------------------------
 
     def _positions(self, n: int) -> Tensor:

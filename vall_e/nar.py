@@ -110,6 +110,9 @@ class NAR(Base):
         Returns:
             b x ``(t_resp, max_levels)`` codes.
         """
+        model = self._unsharded()
+        if model is not self:
+            return model.generate(text_list, proms_list, resps_list, temperature, generator, max_levels)
         resps_list = [r[:, None] if r.dim() == 1 else r for r in resps_list]
         known = {r.shape[1] for r in resps_list}
         if len(known) != 1:
