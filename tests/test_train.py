@@ -165,17 +165,24 @@ def test_quit_on_stdin_saves_and_exits_zero(tmp_path, prepared_corpus):
     assert 1 <= step < 10_000
 
 
-def test_two_process_torchrun_keeps_ranks_identical(tmp_path, prepared_corpus):
+LAUNCHERS = {
+    "torchrun": ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "vall_e.train"],
+    "deepspeed": ["-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29531", "--module", "vall_e.train"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_keep_ranks_identical(tmp_path, prepared_corpus, launcher):
     cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=4, save_ckpt_every=2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "vall_e.train", f"yaml={cfg_path}"],
+        [sys.executable, *LAUNCHERS[launcher], f"yaml={cfg_path}"],
         cwd=REPO, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=400, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stderr.count("weights of all 2 ranks are identical") == 2  # steps 2 and 4
-    assert "DIFFERENT" not in proc.stderr
+    logged = proc.stdout + proc.stderr
+    assert logged.count("weights of all 2 ranks are identical") == 2  # steps 2 and 4
+    assert "DIFFERENT" not in logged
     assert [r["step"] for r in stats(tmp_path / "logs")] == [1, 2, 3, 4]
 
 

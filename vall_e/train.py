@@ -2,7 +2,7 @@
 
 Multi-GPU / multi-node through the stock launchers::
 
-    deepspeed --num_gpus 8 -m vall_e.train yaml=config/LibriTTS/ar.yml
+    deepspeed --num_gpus 8 --module vall_e.train yaml=config/LibriTTS/ar.yml
     torchrun --nproc_per_node 8 -m vall_e.train yaml=config/LibriTTS/ar.yml
 
 Rerunning the same command resumes from ``ckpts/<cfg_name>/latest``.
@@ -158,8 +158,23 @@ def train(cfg: Config) -> int:
     return status
 
 
+def _strip_launcher_args(argv: Sequence[str]) -> list[str]:
+    """Drop the ``--local_rank=N`` the ``deepspeed`` launcher appends (LOCAL_RANK is in the env too)."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word.startswith("--local_rank=") or word.startswith("--local-rank="):
+            continue
+        elif word in ("--local_rank", "--local-rank"):
+            skip = True
+        else:
+            out.append(word)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = Config.from_cli(sys.argv[1:] if argv is None else argv)
+    cfg = Config.from_cli(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
     raise SystemExit(train(cfg))
 
 
