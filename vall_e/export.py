@@ -1,0 +1,331 @@
+"""Training checkpoint -> self-contained inference file.
+
+CLI::
+
+    python -m vall_e.export zoo/ar.pt yaml=config/LibriTTS/ar.yml [key=value ...] [--tag global_step300]
+
+reads the DeepSpeed checkpoint that ``<ckpt_root>/<cfg_name>/latest`` points to (or ``--tag``) and
+writes, atomically, one file that :func:`read_inference_file` (and plain
+``torch.load(path, weights_only=True)``) loads without the training config, the dataset or
+DeepSpeed. It is a plain dict::
+
+    format          "vall_e.inference"  (FORMAT_TAG)
+    format_version  1                   (FORMAT_VERSION)
+    version         project version that exported it
+    trained_with    project version that wrote the checkpoint
+    kind            "ar" | "nar"
+    preset          preset name, e.g. "ar-quarter"
+    hparams         everything ``vall_e.base.build_model`` needs
+    phone_map       {phone: id} the model was trained with (ids from 1; 0 = padding)
+    speakers        training speakers (informational)
+    step            training step of the checkpoint
+    checkpoint      where it came from (informational)
+    state_dict      {name: float32 tensor}
+
+Loading DeepSpeed checkpoints safely: the ``mp_rank_00_model_states.pt`` file is read with
+``torch.load(weights_only=True)``. Our trainer keeps its client state in plain types for that
+reason, and the DeepSpeed metadata of fp32/fp16 runs is plain too. A few DeepSpeed optimizers
+pickle small objects of their own (the bf16 optimizer's ``fragment_address``, older fp16 loss
+scalers); those specific classes are allow-listed with ``torch.serialization.safe_globals``
+(:data:`DEEPSPEED_SAFE_GLOBALS`). Anything else is refused with the class's name; ``--trust-checkpoint``
+then loads the file with full unpickling, which runs code from the file: use it only for
+checkpoints you wrote yourself. ZeRO stage 3 keeps the weights partitioned in the optimizer
+shards; they are gathered with DeepSpeed's ``zero_to_fp32`` (which unpickles its shards itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import pickle
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+FORMAT_TAG = "vall_e.inference"
+FORMAT_VERSION = 1
+MODEL_STATES = "mp_rank_00_model_states.pt"
+ZERO3_MODEL_STATES = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO-3: one file per rank
+CLIENT_KEY = "vall_e"  # mirrors vall_e.utils.trainer.CLIENT_KEY (not imported: it pulls in DeepSpeed)
+
+
+class ExportError(RuntimeError):
+    """A checkpoint that cannot be exported; the message names the path and what to do."""
+
+
+class InferenceFileError(RuntimeError):
+    """An inference file that cannot be used; the message names the path and what to do."""
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """DeepSpeed classes that may appear pickled inside a model-states file (plain data holders)."""
+    found: list[Any] = []
+    for module, name in (
+        ("deepspeed.utils.tensor_fragment", "fragment_address"),
+        ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+        ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ):
+        try:
+            found.append(getattr(__import__(module, fromlist=[name]), name))
+        except Exception:  # absent in this DeepSpeed version, or DeepSpeed not installed
+            pass
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# reading DeepSpeed checkpoints
+
+
+def _load_states(path: Path, trust_checkpoint: bool) -> dict[str, Any]:
+    import torch
+
+    if trust_checkpoint:
+        # Full unpickling runs code from the file; the user vouched for it (--trust-checkpoint).
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # retried below with DeepSpeed's data classes allowed (importing DeepSpeed is slow, so only now)
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        what = f"a pickled object of type {blocked[0]}" if blocked else "pickled Python objects"
+        raise ExportError(
+            f"{path}: contains {what}, which a safe (weights-only) load refuses. If you wrote this "
+            "checkpoint yourself, rerun with --trust-checkpoint to load it with full unpickling "
+            "(never do that for files from elsewhere)."
+        ) from None
+
+
+def _float32(state: dict[str, Any]) -> dict[str, Any]:
+    """CPU copies, floating tensors as float32 (fp16/bf16 runs keep half-precision module weights)."""
+    out = {}
+    for name, t in state.items():
+        t = t.detach().cpu()
+        out[name] = (t.float() if t.is_floating_point() else t).clone().contiguous()
+    return out
+
+
+def read_checkpoint(ckpt_dir: str | Path, tag: str | None = None, trust_checkpoint: bool = False) -> dict[str, Any]:
+    """Load a training checkpoint into the inference-file dict (without writing it).
+
+    Args:
+        ckpt_dir: ``<ckpt_root>/<cfg_name>``, holding ``latest`` and ``<tag>/``.
+        tag: checkpoint folder name, e.g. ``global_step300``; None reads ``latest``.
+        trust_checkpoint: allow full unpickling of objects the safe load refuses.
+    Raises:
+        ExportError: missing, unreadable or foreign checkpoint; the message says what to do.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if tag is None:
+        latest = ckpt_dir / "latest"
+        if not latest.is_file():
+            hint = (
+                "the folder does not exist" if not ckpt_dir.exists()
+                else f"it holds no 'latest' file ({', '.join(sorted(p.name for p in ckpt_dir.iterdir())) or 'empty'})"
+            )
+            raise ExportError(
+                f"no checkpoint to export in {ckpt_dir}: {hint}. Train first with "
+                "`python -m vall_e.train yaml=<the same config>`, or pass the yaml=/ckpt_root= the training used."
+            )
+        tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+        if not tag:
+            raise ExportError(f"{latest} is empty; write the checkpoint folder name into it (e.g. global_step300) or pass --tag")
+    tag_dir = ckpt_dir / tag
+    states_path = tag_dir / MODEL_STATES
+    zero3 = False
+    if not states_path.is_file() and (tag_dir / ZERO3_MODEL_STATES).is_file():
+        states_path, zero3 = tag_dir / ZERO3_MODEL_STATES, True
+    if not states_path.is_file():
+        available = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) if ckpt_dir.is_dir() else []
+        raise ExportError(
+            f"checkpoint {tag!r} has no {states_path}: the checkpoint is missing or incomplete "
+            f"(checkpoints in {ckpt_dir}: {available or 'none'}). Pass --tag <one of them> or train again."
+        )
+    try:
+        states = _load_states(states_path, trust_checkpoint)
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(
+            f"{states_path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "the file is corrupt or truncated. Export an earlier checkpoint with --tag, or train again."
+        ) from None
+    if not isinstance(states, dict) or "module" not in states:
+        raise ExportError(f"{states_path} is not a DeepSpeed model-states file (no 'module' entry)")
+    client = states.get(CLIENT_KEY)
+    if not isinstance(client, dict):
+        raise ExportError(
+            f"{states_path} was not written by `python -m vall_e.train` (no {CLIENT_KEY!r} client state); "
+            "only this project's training checkpoints can be exported"
+        )
+    stage = ((states.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
+    if zero3 or stage == 3:
+        state_dict = _zero3_state_dict(ckpt_dir, tag)
+    else:
+        state_dict = states["module"]
+
+    hparams = client.get("hparams")
+    preset = client.get("model") or (hparams or {}).get("preset")
+    if hparams is None:
+        raise ExportError(f"{states_path}: the client state has no model hparams; retrain with the current vall_e.train")
+    phone_map = client.get("phone_map")
+    if phone_map is None and (ckpt_dir / "phone_map.json").is_file():
+        phone_map = json.loads((ckpt_dir / "phone_map.json").read_text(encoding="utf-8"))
+    if not phone_map:
+        raise ExportError(f"{states_path}: no phone map in the checkpoint nor {ckpt_dir / 'phone_map.json'}")
+    from .version import __version__
+
+    return {
+        "format": FORMAT_TAG,
+        "format_version": FORMAT_VERSION,
+        "version": __version__,
+        "trained_with": str(client.get("version", "unknown")),
+        "kind": hparams["kind"],
+        "preset": preset,
+        "hparams": dict(hparams),
+        "phone_map": {str(k): int(v) for k, v in phone_map.items()},
+        "speakers": [str(s) for s in client.get("speakers", [])],
+        "step": int(client.get("step", 0)),
+        "checkpoint": str(tag_dir),
+        "state_dict": _float32(state_dict),
+    }
+
+
+def _zero3_state_dict(ckpt_dir: Path, tag: str) -> dict[str, Any]:
+    """Gather ZeRO-3 partitioned weights into one fp32 state dict with DeepSpeed's own tool."""
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError as e:
+        raise ExportError(f"{ckpt_dir}/{tag} is a ZeRO stage 3 checkpoint; exporting it needs DeepSpeed ({e})") from None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # it prints progress; keep our stdout clean
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
+    except Exception as e:
+        raise ExportError(
+            f"cannot gather the ZeRO-3 weights of {ckpt_dir}/{tag} ({type(e).__name__}: {e}); "
+            "the optimizer shards (*_optim_states.pt) are missing or corrupt"
+        ) from None
+
+
+def check_loads(data: dict[str, Any]) -> None:
+    """Build the model from ``data["hparams"]`` and load ``data["state_dict"]`` strictly."""
+    from .base import build_model
+
+    model = build_model(data["hparams"])
+    model.load_state_dict(data["state_dict"], strict=True)
+
+
+def export(
+    out_path: str | Path, ckpt_dir: str | Path, tag: str | None = None, trust_checkpoint: bool = False
+) -> dict[str, Any]:
+    """Export ``ckpt_dir``'s latest (or ``tag``) checkpoint to ``out_path`` atomically; returns what was written."""
+    from .utils.helpers import atomic_torch_save
+
+    data = read_checkpoint(ckpt_dir, tag, trust_checkpoint)
+    try:
+        check_loads(data)
+    except Exception as e:
+        raise ExportError(f"the weights in {data['checkpoint']} do not fit the saved hparams: {e}") from None
+    atomic_torch_save(data, out_path)
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# reading inference files
+
+
+def read_inference_file(path: str | Path) -> dict[str, Any]:
+    """Load and check an exported file (``torch.load(weights_only=True)``); tensors on CPU.
+
+    Raises:
+        InferenceFileError: missing, corrupt, a raw training checkpoint, or a newer format.
+    """
+    import torch
+
+    path = Path(path)
+    how = f"export one with `python -m vall_e.export {path} yaml=<the training config>`"
+    if not path.is_file():
+        raise InferenceFileError(f"{path}: no such file; {how}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InferenceFileError(
+            f"{path}: cannot be loaded ({msg[:200]}); the file is corrupt, truncated or not a vall_e "
+            f"inference file. Re-export it: {how}"
+        ) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT_TAG:
+        if isinstance(data, dict) and CLIENT_KEY in data and "module" in data:
+            raise InferenceFileError(
+                f"{path} is a DeepSpeed training checkpoint, not an inference file; "
+                f"{how.replace(str(path), 'zoo/model.pt')} and use that"
+            )
+        raise InferenceFileError(f"{path} is not a vall_e inference file (no format tag {FORMAT_TAG!r}); {how}")
+    if int(data.get("format_version", 0)) > FORMAT_VERSION:
+        raise InferenceFileError(
+            f"{path} has format version {data['format_version']} but this vall_e ({_version()}) reads up to "
+            f"{FORMAT_VERSION}; update vall_e"
+        )
+    missing = [k for k in ("kind", "hparams", "phone_map", "state_dict") if k not in data]
+    if missing:
+        raise InferenceFileError(f"{path} lacks {missing}; re-export it: {how}")
+    return data
+
+
+def _version() -> str:
+    from .version import __version__
+
+    return __version__
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .config import Config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words, rest = Config.split_argv(argv)
+    cfg = Config.from_cli(words)
+    parser = argparse.ArgumentParser(
+        prog="python -m vall_e.export",
+        description="Write the latest training checkpoint of a config as a self-contained inference file.",
+        epilog="Config words: yaml=<training config> (names the checkpoint folder <ckpt_root>/<cfg_name>), "
+        "key=value overrides such as ckpt_root=..., help=true lists the fields.",
+    )
+    parser.add_argument("out", type=Path, help="output file, e.g. zoo/ar.pt")
+    parser.add_argument("--tag", default=None, help="checkpoint folder to export instead of 'latest', e.g. global_step300")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="load the checkpoint with full unpickling when the safe load refuses it (only for your own files)",
+    )
+    args = parser.parse_args(rest)
+    if cfg.yaml_path is None:
+        print(
+            f"note: no yaml= given, so the checkpoint folder is {cfg.ckpt_dir}; pass the training config "
+            "as yaml=config/<name>.yml to export its run",
+            file=sys.stderr,
+        )
+    try:
+        data = export(args.out, cfg.ckpt_dir, args.tag, args.trust_checkpoint)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    n_params = sum(t.numel() for t in data["state_dict"].values())
+    if data["preset"] and cfg.yaml_path is not None and data["preset"] != cfg.model:
+        print(f"note: the checkpoint holds preset {data['preset']!r}, the config says model={cfg.model!r}", file=sys.stderr)
+    print(
+        f"exported {data['kind'].upper()} {data['preset']} ({n_params / 1e6:.2f}M parameters, step {data['step']}, "
+        f"{len(data['phone_map'])} phones) from {data['checkpoint']} to {args.out}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
