@@ -1,0 +1,203 @@
+"""Synthesis CLI: ``python -m vall_e "<text>" ref.wav out.wav --ar-ckpt zoo/ar.pt --nar-ckpt zoo/nar.pt``.
+
+Batch mode, one wav per line (named by line number, e.g. ``out/0003.wav``):
+
+    python -m vall_e --batch lines.txt ref.wav out/ --ar-ckpt ... --nar-ckpt ...   # one text per line
+    python -m vall_e --batch lines.tsv out/ --ar-ckpt ... --nar-ckpt ...           # text<TAB>ref[<TAB>ref text]
+
+Config words such as ``codec_weights=untrained`` are accepted (``help=true`` lists them); a text
+containing ``=`` is still a text. The work is done by :mod:`vall_e.inference`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+USAGE_EXAMPLES = """examples:
+  python -m vall_e "Hello there." ref.wav out.wav --ar-ckpt zoo/ar.pt --nar-ckpt zoo/nar.pt
+  python -m vall_e "And then?" ref.wav out.wav --ref-text "transcript of ref.wav" --ar-ckpt ... --nar-ckpt ...
+  python -m vall_e --batch lines.txt ref.wav out/ --ar-ckpt ... --nar-ckpt ...
+  python -m vall_e --batch lines.tsv out/ --ar-ckpt ... --nar-ckpt ...   (text<TAB>ref.wav[<TAB>ref transcript])
+
+config words: codec_weights=pretrained|untrained|<path> (default pretrained), help=true lists all fields.
+"""
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m vall_e",
+        description="Zero-shot TTS with VALL-E: speak TEXT in the voice of a short reference recording.",
+        epilog=USAGE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("args", nargs="*", metavar="TEXT REF OUT",
+                   help="text, reference audio (any rate, mono or stereo) and output wav; with --batch see below")
+    p.add_argument("--ar-ckpt", required=True, type=Path, help="exported AR model (python -m vall_e.export)")
+    p.add_argument("--nar-ckpt", required=True, type=Path, help="exported NAR model")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
+    p.add_argument("--ar-temp", type=float, default=1.0, help="AR sampling temperature (default 1.0)")
+    p.add_argument("--nar-temp", type=float, default=0.0, help="NAR temperature, 0 = greedy (default 0.0)")
+    p.add_argument("--top-k", type=int, default=0, help="AR top-k sampling, 0 = off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="AR nucleus sampling mass, 1 = off (default)")
+    p.add_argument("--max-ar-steps", type=int, default=1000, help="most AR frames per output, 75 per second (default 1000)")
+    p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same wav (default: random, printed)")
+    p.add_argument("--prompt-seconds", type=float, default=None,
+                   help="use the first N seconds of the reference as the prompt (default 3.0; 0 = all of it)")
+    p.add_argument("--ref-text", default=None,
+                   help="transcript of the reference: continuation mode (the output continues the reference)")
+    p.add_argument("--batch", type=Path, default=None, metavar="FILE",
+                   help="FILE.txt: one text per line (args: REF OUTDIR); FILE.tsv: text<TAB>ref[<TAB>ref text] (args: OUTDIR)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass in batch mode (default 8)")
+    return p
+
+
+def read_batch_file(path: Path, shared_ref: Path | None, shared_ref_text: str | None) -> list[tuple[int, "object"]]:
+    """``(line number, Request)`` for every non-blank line of a ``.txt`` (shared reference) or ``.tsv`` file."""
+    from .inference import Request
+
+    if not path.is_file():
+        raise UsageError(f"--batch {path}: no such file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"--batch {path}: cannot read it as UTF-8 text ({e})") from None
+    tsv = path.suffix.lower() == ".tsv"
+    out = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        if not tsv:
+            out.append((n, Request(line.strip(), shared_ref, shared_ref_text, label=f"{path}:{n}")))
+            continue
+        cols = line.rstrip("\r\n").split("\t")
+        if len(cols) not in (2, 3) or not cols[1].strip():
+            raise UsageError(f"{path}:{n}: expected text<TAB>reference audio[<TAB>reference transcript], got {len(cols)} column(s)")
+        ref = Path(cols[1].strip())
+        if not ref.is_absolute() and not ref.exists() and (path.parent / ref).exists():
+            ref = path.parent / ref  # paths may be relative to the working directory or to the TSV
+        ref_text = cols[2].strip() if len(cols) == 3 and cols[2].strip() else shared_ref_text
+        out.append((n, Request(cols[0].strip(), ref, ref_text, label=f"{path}:{n}")))
+    if not out:
+        raise UsageError(f"--batch {path}: no lines to synthesize")
+    return out
+
+
+def write_wav(wav, sample_rate: int, path: Path) -> None:
+    """Write float ``(1, n)`` audio as 16-bit PCM wav, atomically."""
+    import soundfile as sf
+
+    from .utils.helpers import atomic_path
+
+    with atomic_path(path) as tmp:
+        sf.write(str(tmp), wav[0].clamp(-1, 1).numpy(), sample_rate, subtype="PCM_16", format="WAV")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .config import Config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words, rest = Config.split_argv(argv)
+    cfg = Config.from_cli(words)  # handles help=true; codec_weights=... and device=... come from here
+    parser = build_parser()
+    args = parser.parse_args(rest)
+    device = args.device if args.device is not None else (cfg.device if any(w.startswith("device=") for w in words) else None)
+    seed = args.seed if args.seed is not None else (cfg.seed if any(w.startswith("seed=") for w in words) else None)
+    try:
+        return _run(args, cfg.codec_weights, device, seed)
+    except UsageError as e:
+        parser.print_usage(sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed: int | None) -> int:
+    from .utils.helpers import setup_logging
+
+    setup_logging(level=logging.WARNING)
+    pos = list(args.args)
+    if args.batch is None:
+        if len(pos) != 3:
+            raise UsageError(f'expected "TEXT" REF.wav OUT.wav, got {len(pos)} argument(s): {pos}')
+        text, ref, out = pos[0], Path(pos[1]), Path(pos[2])
+        if out.is_dir():
+            raise UsageError(f"{out} is a folder; give the output wav's file name (or use --batch for many lines)")
+        jobs = None
+    else:
+        tsv = args.batch.suffix.lower() == ".tsv"
+        want = 1 if tsv else 2
+        if len(pos) != want:
+            shape = "--batch FILE.tsv OUTDIR" if tsv else "--batch FILE.txt REF.wav OUTDIR"
+            raise UsageError(f"{shape} expected, got {len(pos)} positional argument(s): {pos}")
+        out = Path(pos[-1])
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"{out} exists and is not a folder; batch mode writes one wav per line into a folder")
+        jobs = read_batch_file(args.batch, None if tsv else Path(pos[0]), args.ref_text)
+    if args.ref_text is not None and args.prompt_seconds is not None:
+        print("note: --prompt-seconds is ignored with --ref-text: the whole reference is the prompt "
+              "(its transcript must match all of it)", file=sys.stderr)
+    prompt_seconds = 3.0 if args.prompt_seconds is None else args.prompt_seconds
+
+    from .emb import g2p
+    from .emb.qnt import AudioError, CodecUnavailableError, load_codec
+    from .export import InferenceFileError
+    from .inference import Request, SynthesisError, Synthesizer
+
+    if codec_weights == "untrained":
+        print("note: codec_weights=untrained: the codec has random weights, so the output is NOT speech "
+              "(it only proves the pipeline runs); use codec_weights=pretrained or a weights file for real audio",
+              file=sys.stderr)
+    options = dict(ar_temp=args.ar_temp, nar_temp=args.nar_temp, top_k=args.top_k, top_p=args.top_p,
+                   max_ar_steps=args.max_ar_steps, seed=seed, prompt_seconds=prompt_seconds)
+    try:
+        synth = Synthesizer(args.ar_ckpt, args.nar_ckpt, device=device, codec_weights=codec_weights)
+        # one-time loads before the clock starts, so the real-time factor measures synthesis alone
+        load_codec(codec_weights, synth.device)
+        g2p.encode("")
+        t0 = time.perf_counter()
+        if jobs is None:
+            results = synth.synthesize_batch([Request(text, ref, args.ref_text)], **options)
+            names = [out]
+        else:
+            results = synth.synthesize_batch([r for _, r in jobs], batch_size=args.batch_size, **options)
+            width = max(4, len(str(jobs[-1][0])))
+            names = [out / f"{n:0{width}d}.wav" for n, _ in jobs]
+        elapsed = time.perf_counter() - t0
+    except (SynthesisError, InferenceFileError, AudioError, CodecUnavailableError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    status, total, written, cut = 0, 0.0, 0, 0
+    for res, path in zip(results, names):
+        if res.wav.shape[-1] == 0:
+            print(f"error: no audio for {path}: the AR stopped at once; try another --seed or a higher --ar-temp",
+                  file=sys.stderr)
+            status = 1
+            continue
+        write_wav(res.wav, res.sample_rate, path)
+        total += res.seconds
+        written += 1
+        cut += not res.stopped
+        if jobs is not None:
+            print(f"{path}  {res.seconds:.2f} s")
+    if cut:
+        print(f"note: {cut} output(s) reached --max-ar-steps {args.max_ar_steps} before the AR's stop token and are cut "
+              "there; raise --max-ar-steps if the speech is incomplete", file=sys.stderr)
+    if written:
+        rtf = f"real-time factor {elapsed / total:.3f} ({synth.device}, seed {results[0].seed})"
+        if jobs is None:
+            print(f"{names[0]}  {total:.2f} s at {results[0].sample_rate} Hz, {rtf}")
+        else:
+            print(f"{written} wav(s) in {out}: {total:.2f} s of audio, {rtf}")
+    return status
+
+if __name__ == "__main__":
+    raise SystemExit(main())

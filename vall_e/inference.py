@@ -1,0 +1,510 @@
+"""Zero-shot synthesis from exported models: the Python API behind ``python -m vall_e``.
+
+One call::
+
+    import vall_e
+    wav, sr = vall_e.synthesize("Hello there.", "ref.wav", "zoo/ar.pt", "zoo/nar.pt")  # wav: (1, n)
+
+Many calls with the models loaded once::
+
+    from vall_e.inference import Synthesizer, Request
+    synth = Synthesizer("zoo/ar.pt", "zoo/nar.pt", device="cpu", codec_weights="pretrained")
+    out = synth.synthesize("Hello there.", "ref.wav", seed=0)            # -> Synthesis
+    outs = synth.synthesize_batch([Request("One.", "a.wav"), Request("Two.", "b.wav")], seed=0)
+
+How a request becomes audio (Wang et al. 2023):
+
+1. text -> phones with the training g2p (:func:`vall_e.emb.g2p.encode`), wrapped ``<s> … </s>`` and
+   mapped through each model's own phone map (phones a model never saw are an error that names
+   them and the words they came from);
+2. the reference -> mono 24 kHz (any rate, any channel count) -> its first ``prompt_seconds``
+   -> EnCodec codes ``(t, 8)``: the acoustic prompt;
+3. the AR samples codebook 1 until its stop token (KV cache, one batch for many requests);
+4. the NAR fills codebooks 2..8, one greedy-ish pass per level;
+5. the EnCodec decoder turns the ``(t, 8)`` codes into a 24 kHz waveform.
+
+Continuation mode (``ref_text`` = the transcript of the reference; the paper's VALL-E-continual):
+the reference's phones precede the target's in the text, the whole reference is the prompt, and
+the AR continues from the reference's own codebook-1 codes (``prefix_list``). The NAR fills the
+levels of the generated frames while the reference's frames keep their true codes at every
+level; the decoder runs over reference + new frames (the codec is causal, so the joint is
+smooth) and only the new part is returned. ``prompt_seconds`` does not apply there: the
+transcript must match the audio.
+
+Reproducibility: the same requests, options and ``seed`` give identical audio (one
+``torch.Generator`` per batch, seeded ``seed + batch index``) on the same device and software.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+    from .base import Base
+
+DEFAULT_PROMPT_SECONDS = 3.0  # the paper's 3 s enrolled recording
+SEPARATOR = "_"  # g2p's word separator; joins the reference's and the target's phones
+
+RefAudio = Union[str, Path, "tuple[Tensor, int]"]  # a file, or (waveform (n,) / (channels, n), sample rate)
+
+
+class SynthesisError(ValueError):
+    """A request that cannot be synthesized (empty text, unknown phones, bad options); says what to fix."""
+
+
+class UnknownPhonesError(SynthesisError):
+    """The text has phones a model never saw in training.
+
+    Attributes:
+        phones: the unknown phones, sorted.
+        words: for each unknown phone, the words of the text it came from.
+    """
+
+    def __init__(self, message: str, phones: list[str], words: dict[str, list[str]]):
+        super().__init__(message)
+        self.phones = phones
+        self.words = words
+
+
+@dataclass
+class Request:
+    """One line of work: ``text`` in the voice of ``ref_wav``; ``ref_text`` turns on continuation mode."""
+
+    text: str
+    ref_wav: RefAudio
+    ref_text: Optional[str] = None
+    label: Optional[str] = None  # names the request in error messages, e.g. "lines.txt:3"
+
+
+@dataclass
+class Synthesis:
+    """One result.
+
+    Attributes:
+        wav: float32 ``(1, n)`` on CPU at ``sample_rate`` (only the new part in continuation mode);
+            ``n == 0`` when the AR stopped at once.
+        sample_rate: 24000.
+        codes: ``(t, 8)`` the generated codes (without the reference's in continuation mode).
+        seed: the seed of the call (given or drawn); the same requests and options with it give the same audio.
+        stopped: False when the AR hit ``max_ar_steps`` before its stop token (the audio is cut).
+        phones: the phones the models read, without ``<s>``/``</s>``.
+    """
+
+    wav: "Tensor"
+    sample_rate: int
+    codes: "Tensor"
+    seed: int
+    stopped: bool
+    phones: list[str] = field(default_factory=list)
+
+    @property
+    def seconds(self) -> float:
+        return self.wav.shape[-1] / self.sample_rate
+
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def resolve_device(device: Optional[str]) -> str:
+    """``None`` -> ``"cuda"`` when available, else ``"cpu"``; a CUDA request without CUDA is an error."""
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise SynthesisError(f"device={device!r} but CUDA is not available here; use --device cpu")
+    return str(device)
+
+
+def load_model(path: str | Path, kind: Optional[str] = None, device: str = "cpu") -> tuple["Base", dict[str, Any]]:
+    """Load an exported model file (``python -m vall_e.export``) in eval mode on ``device``.
+
+    Args:
+        path: the inference file.
+        kind: ``"ar"`` or ``"nar"`` to insist on one (a swapped pair of files is a clear error).
+        device: where the model goes.
+    Returns:
+        (model, metadata without the weights).
+    Raises:
+        vall_e.export.InferenceFileError: missing, corrupt, wrong kind, or weights that do not fit.
+    """
+    from .base import build_model
+    from .export import InferenceFileError, read_inference_file
+
+    data = read_inference_file(path)
+    if kind is not None and data["kind"] != kind:
+        flag = "--ar-ckpt" if kind == "ar" else "--nar-ckpt"
+        raise InferenceFileError(
+            f"{path} holds the {str(data['kind']).upper()} model, but the {kind.upper()} model is needed here "
+            f"({flag}); are the AR and NAR files swapped?"
+        )
+    try:
+        model = build_model(data["hparams"])
+        model.load_state_dict(data["state_dict"], strict=True)
+    except Exception as e:
+        raise InferenceFileError(f"{path}: the weights do not fit the saved hparams ({e}); re-export it") from None
+    model.to(device).eval().requires_grad_(False)
+    meta = {k: v for k, v in data.items() if k != "state_dict"}
+    return model, meta
+
+
+# --------------------------------------------------------------------------------------------
+# the synthesizer
+
+
+def _inference_mode():
+    """``torch.inference_mode()`` as a decorator, importing torch only when the method runs."""
+
+    def wrap(fn):
+        import functools
+
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            import torch
+
+            with torch.inference_mode():
+                return fn(*args, **kwargs)
+
+        return inner
+
+    return wrap
+
+
+class Synthesizer:
+    """The AR, the NAR and the codec settings, loaded once; synthesizes one request or batches.
+
+    Args:
+        ar_ckpt: exported AR file.
+        nar_ckpt: exported NAR file.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...; None = cuda when available, else cpu. The
+            codec runs on the same device.
+        codec_weights: ``pretrained`` | ``untrained`` | a path to EnCodec weights (as in the Config).
+    """
+
+    def __init__(
+        self,
+        ar_ckpt: str | Path,
+        nar_ckpt: str | Path,
+        device: Optional[str] = None,
+        codec_weights: str = "pretrained",
+    ):
+        self.device = resolve_device(device)
+        self.codec_weights = codec_weights
+        self.ar, self.ar_meta = load_model(ar_ckpt, "ar", self.device)
+        self.nar, self.nar_meta = load_model(nar_ckpt, "nar", self.device)
+        self._ref_cache: dict[tuple, "Tensor"] = {}
+
+    # text ----------------------------------------------------------------------------------
+
+    def phonemize(self, text: str, what: str = "text") -> list[str]:
+        """Phones of ``text`` (g2p, ``_`` between words), checked against both models' phone maps.
+
+        Raises:
+            SynthesisError: empty text, or text without any pronounceable word.
+            UnknownPhonesError: phones a model never saw; names them and their words.
+        """
+        from .emb import g2p
+
+        if not isinstance(text, str) or not text.strip():
+            raise SynthesisError(f"the {what} is empty; give the sentence to speak")
+        phones = g2p.encode(text)
+        if not phones:
+            raise SynthesisError(f"the {what} {text.strip()[:80]!r} has no pronounceable words")
+        unknown: dict[str, list[str]] = {}  # phone -> models missing it
+        for name, meta in (("AR", self.ar_meta), ("NAR", self.nar_meta)):
+            for p in phones:
+                if p not in meta["phone_map"]:
+                    unknown.setdefault(p, [])
+                    if name not in unknown[p]:
+                        unknown[p].append(name)
+        if unknown:
+            raise _unknown_phones_error(text, what, unknown, self.ar_meta, self.nar_meta)
+        return phones
+
+    def _ids(self, phones: list[str], meta: dict[str, Any]) -> "Tensor":
+        """``(t,)`` ids of ``<s> phones </s>`` in one model's phone map (on the model device)."""
+        from .data import encode_phones
+
+        return encode_phones(phones, meta["phone_map"]).to(self.device)
+
+    # audio ---------------------------------------------------------------------------------
+
+    def encode_reference(self, ref_wav: RefAudio, prompt_seconds: Optional[float]) -> "Tensor":
+        """Prompt codes ``(t, 8)`` (CPU, int64) of the reference's first ``prompt_seconds`` (None/<=0: all of it)."""
+        import torch
+
+        from .emb import qnt
+
+        seconds = prompt_seconds if prompt_seconds is not None and prompt_seconds > 0 else None
+        key = None
+        if isinstance(ref_wav, (str, Path)):
+            path = Path(ref_wav)
+            if not path.is_file():
+                raise qnt.AudioError(f"{path}: reference audio not found")
+            key = (str(path.resolve()), path.stat().st_mtime_ns, seconds)
+            if key in self._ref_cache:
+                return self._ref_cache[key]
+            wav, sr = qnt.load_audio(path)
+        else:
+            if not (isinstance(ref_wav, (tuple, list)) and len(ref_wav) == 2):
+                raise SynthesisError("ref_wav must be an audio file path or a (waveform, sample_rate) pair")
+            wav, sr = torch.as_tensor(ref_wav[0]), int(ref_wav[1])
+            if wav.numel() == 0:
+                raise SynthesisError("the reference waveform is empty")
+        mono = qnt.to_codec_input(wav, int(sr))  # (n24,): channels averaged, resampled to 24 kHz
+        if seconds is not None:
+            mono = mono[: max(1, int(round(seconds * qnt.SAMPLE_RATE)))]
+        codes = qnt.encode_batch([mono], device=self.device, codec_weights=self.codec_weights)[0]  # (1, 8, t)
+        codes = codes[0].t().contiguous()  # (t, 8)
+        if key is not None:
+            self._ref_cache[key] = codes
+        return codes
+
+    # synthesis -----------------------------------------------------------------------------
+
+    def synthesize(
+        self,
+        text: str,
+        ref_wav: RefAudio,
+        ref_text: Optional[str] = None,
+        **options: Any,
+    ) -> Synthesis:
+        """Speak ``text`` in the voice of ``ref_wav``; ``options`` as in :meth:`synthesize_batch`."""
+        return self.synthesize_batch([Request(text, ref_wav, ref_text)], **options)[0]
+
+    def __call__(self, text: str, ref_wav: RefAudio, ref_text: Optional[str] = None, **options: Any) -> tuple["Tensor", int]:
+        """Like :meth:`synthesize` but returns ``(wav (1, n), sample_rate)``."""
+        out = self.synthesize(text, ref_wav, ref_text, **options)
+        return out.wav, out.sample_rate
+
+    def synthesize_batch(
+        self,
+        requests: Sequence[Request],
+        *,
+        ar_temp: float = 1.0,
+        nar_temp: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        max_ar_steps: int = 1000,
+        seed: Optional[int] = None,
+        prompt_seconds: Optional[float] = DEFAULT_PROMPT_SECONDS,
+        batch_size: int = 8,
+    ) -> list[Synthesis]:
+        """Synthesize many requests, ``batch_size`` at a time (one KV-cached AR pass per batch).
+
+        Args:
+            requests: what to say and in which voice; results come back in this order.
+            ar_temp: AR sampling temperature (0 = greedy; greedy AR decoding tends to loop).
+            nar_temp: NAR temperature; 0 (greedy) or small, as in the paper.
+            top_k: keep the k most likely codes in AR sampling (0 = off).
+            top_p: nucleus mass for AR sampling (1 = off).
+            max_ar_steps: most frames the AR generates per request (75 per second of audio).
+            seed: None draws one (reported in each :class:`Synthesis`).
+            prompt_seconds: crop each reference to its first seconds (None or <= 0: keep it all);
+                ignored in continuation mode.
+            batch_size: requests per forward pass.
+        Raises:
+            SynthesisError: a request that cannot be done; checked for all requests before any
+                generation starts. ``AudioError`` / ``CodecUnavailableError`` from :mod:`vall_e.emb.qnt`
+                for unreadable references or unavailable codec weights.
+        """
+        import torch
+
+        if not requests:
+            return []
+        _check_options(ar_temp, nar_temp, top_k, top_p, max_ar_steps, batch_size)
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+        prepared = [self._prepare(r, prompt_seconds, i, len(requests)) for i, r in enumerate(requests)]
+        # longest first: batches of similar length waste less compute on padding
+        order = sorted(range(len(prepared)), key=lambda i: -(len(prepared[i]["ar_text"]) + len(prepared[i]["prompt"])))
+        results: list[Optional[Synthesis]] = [None] * len(prepared)
+        for b, start in enumerate(range(0, len(order), batch_size)):
+            idx = order[start : start + batch_size]
+            gen = torch.Generator(device=self.device).manual_seed(seed + b)
+            outs = self._generate([prepared[i] for i in idx], gen, ar_temp, nar_temp, top_k, top_p, max_ar_steps)
+            for i, out in zip(idx, outs):
+                out.seed = seed
+                results[i] = out
+        return [r for r in results if r is not None]
+
+    def _prepare(self, req: Request, prompt_seconds: Optional[float], i: int, n: int) -> dict[str, Any]:
+        from .emb.qnt import AudioError
+
+        where = f"{req.label}: " if req.label else (f"request {i + 1}: " if n > 1 else "")
+        try:
+            phones = self.phonemize(req.text)
+            if req.ref_text is not None:
+                ref_phones = self.phonemize(req.ref_text, what="reference transcript (ref_text)")
+                sep = [SEPARATOR] if all(SEPARATOR in m["phone_map"] for m in (self.ar_meta, self.nar_meta)) else []
+                text_phones = ref_phones + sep + phones
+                prompt = self.encode_reference(req.ref_wav, None)  # the transcript covers the whole reference
+                prefix = prompt
+            else:
+                text_phones = phones
+                prompt = self.encode_reference(req.ref_wav, prompt_seconds)
+                prefix = prompt[:0]
+        except (SynthesisError, AudioError) as e:
+            if not where:
+                raise
+            raise type(e)(where + str(e), *_extra_args(e)) from None
+        return {
+            "phones": text_phones,
+            "ar_text": self._ids(text_phones, self.ar_meta),
+            "nar_text": self._ids(text_phones, self.nar_meta),
+            "prompt": prompt.to(self.device),
+            "prefix": prefix.to(self.device),  # (t_pre, 8) known response frames (continuation)
+        }
+
+    @_inference_mode()
+    def _generate(self, batch: list[dict[str, Any]], gen, ar_temp, nar_temp, top_k, top_p, max_ar_steps) -> list[Synthesis]:
+        import torch
+
+        from .emb import qnt
+
+        proms = [p["prompt"] for p in batch]
+        prefixes = [p["prefix"] for p in batch]
+        new = self.ar.generate(
+            [p["ar_text"] for p in batch], proms, max_steps=max_ar_steps, temperature=ar_temp,
+            top_k=top_k, top_p=top_p, generator=gen, prefix_list=[pre[:, 0] for pre in prefixes],
+        )  # b x (t_new,) codebook 1, prefix excluded
+        n_levels = self.nar.config.n_resp_levels
+        full: list[Optional[Tensor]] = [None] * len(batch)
+        live = [i for i in range(len(batch)) if len(prefixes[i]) + len(new[i]) > 0]
+        if live:
+            texts = [batch[i]["nar_text"] for i in live]
+            lproms = [proms[i] for i in live]
+            lpre = [prefixes[i] for i in live]
+            resps = [torch.cat([lpre[j][:, 0], new[i]])[:, None] for j, i in enumerate(live)]  # (t, 1)
+            if all(len(p) == 0 for p in lpre):
+                resps = self.nar.generate(texts, lproms, resps, temperature=nar_temp, generator=gen, max_levels=n_levels)
+            else:
+                # one level at a time so the reference frames keep their true codes as the context of every level
+                for level in range(1, n_levels):
+                    resps = self.nar.generate(texts, lproms, resps, temperature=nar_temp, generator=gen, max_levels=level + 1)
+                    resps = [torch.cat([p[:, : level + 1], r[len(p):]]) for p, r in zip(lpre, resps)]
+            for j, i in enumerate(live):
+                full[i] = resps[j]
+        outs = []
+        for i, p in enumerate(batch):
+            t_pre = len(prefixes[i])
+            codes = full[i] if full[i] is not None else torch.zeros(0, n_levels, dtype=torch.long, device=self.device)
+            gen_codes = codes[t_pre:].cpu()
+            if len(gen_codes) == 0:
+                wav = torch.zeros(1, 0)
+            else:
+                wav, _ = qnt.decode(codes.cpu(), device=self.device, codec_weights=self.codec_weights)  # (1, n)
+                wav = wav[:, t_pre * qnt.HOP_LENGTH :].contiguous()  # continuation: only the new part
+            stopped = len(new[i]) < max_ar_steps
+            outs.append(Synthesis(wav=wav, sample_rate=qnt.SAMPLE_RATE, codes=gen_codes, seed=-1, stopped=stopped,
+                                  phones=list(p["phones"])))
+        return outs
+
+
+def _check_options(ar_temp: float, nar_temp: float, top_k: int, top_p: float, max_ar_steps: int, batch_size: int) -> None:
+    if ar_temp < 0 or nar_temp < 0:
+        raise SynthesisError(f"temperatures must be >= 0 (0 = greedy); got ar_temp={ar_temp}, nar_temp={nar_temp}")
+    if top_k < 0:
+        raise SynthesisError(f"top_k must be >= 0 (0 = off); got {top_k}")
+    if not 0 < top_p <= 1:
+        raise SynthesisError(f"top_p must be within (0, 1] (1 = off); got {top_p}")
+    if max_ar_steps < 1:
+        raise SynthesisError(f"max_ar_steps must be at least 1; got {max_ar_steps}")
+    if batch_size < 1:
+        raise SynthesisError(f"batch_size must be at least 1; got {batch_size}")
+
+
+def _extra_args(e: SynthesisError) -> tuple:
+    return (e.phones, e.words) if isinstance(e, UnknownPhonesError) else ()
+
+
+def _unknown_phones_error(
+    text: str, what: str, unknown: dict[str, list[str]], ar_meta: dict[str, Any], nar_meta: dict[str, Any]
+) -> UnknownPhonesError:
+    """Name each unknown phone, the words it came from and which model lacks it."""
+    from .emb import g2p
+
+    words: dict[str, list[str]] = {p: [] for p in unknown}
+    for token in re.findall(r"\S+", text):
+        word = token.strip(".,;:!?\"'()[]{}") or token
+        try:
+            word_phones = set(g2p.encode(token))
+        except Exception:  # pragma: no cover - g2p already handled the whole text
+            continue
+        for p in unknown:
+            if p in word_phones and word not in words[p]:
+                words[p].append(word)
+    parts = []
+    for p in sorted(unknown):
+        src = ", ".join(repr(w) for w in words[p]) if words[p] else "the text's punctuation or context"
+        models = " and ".join(unknown[p])
+        parts.append(f"{p} (from {src}; unknown to the {models})")
+    n_ar, n_nar = len(ar_meta["phone_map"]), len(nar_meta["phone_map"])
+    msg = (
+        f"the {what} has phones the model never saw in training: {'; '.join(parts)}. "
+        f"The models know only the phones of their training set ({n_ar} AR / {n_nar} NAR symbols). "
+        "Rephrase without those words, or train on a corpus that covers them."
+    )
+    return UnknownPhonesError(msg, sorted(unknown), words)
+
+
+# --------------------------------------------------------------------------------------------
+# the one-call API
+
+_cached: dict[tuple, Synthesizer] = {}
+
+
+def get_synthesizer(
+    ar_ckpt: str | Path, nar_ckpt: str | Path, device: Optional[str] = None, codec_weights: str = "pretrained"
+) -> Synthesizer:
+    """A :class:`Synthesizer` for these files, reused while the files are unchanged (one kept)."""
+
+    def stamp(p: str | Path) -> tuple[str, int]:
+        p = Path(p)
+        return str(p.resolve()), p.stat().st_mtime_ns if p.is_file() else -1
+
+    key = (stamp(ar_ckpt), stamp(nar_ckpt), resolve_device(device), codec_weights)
+    if key not in _cached:
+        _cached.clear()  # one set of models at a time: they may be large
+        _cached[key] = Synthesizer(ar_ckpt, nar_ckpt, device, codec_weights)
+    return _cached[key]
+
+
+def synthesize(
+    text: str,
+    ref_wav: RefAudio,
+    ar_ckpt: str | Path,
+    nar_ckpt: str | Path,
+    *,
+    ref_text: Optional[str] = None,
+    device: Optional[str] = None,
+    codec_weights: str = "pretrained",
+    ar_temp: float = 1.0,
+    nar_temp: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_ar_steps: int = 1000,
+    seed: Optional[int] = None,
+    prompt_seconds: Optional[float] = DEFAULT_PROMPT_SECONDS,
+) -> tuple["Tensor", int]:
+    """Speak ``text`` in the voice of ``ref_wav``; returns ``(wav (1, n) float32 CPU, 24000)``.
+
+    ``ref_wav`` is an audio file (any rate, mono or stereo) or a ``(waveform, sample_rate)`` pair.
+    ``ref_text`` (the reference's transcript) turns on continuation mode. The models stay loaded
+    between calls with the same files. Other arguments: see :meth:`Synthesizer.synthesize_batch`.
+    With ``codec_weights="untrained"`` the audio is not speech.
+    """
+    synth = get_synthesizer(ar_ckpt, nar_ckpt, device, codec_weights)
+    out = synth.synthesize(
+        text, ref_wav, ref_text, ar_temp=ar_temp, nar_temp=nar_temp, top_k=top_k, top_p=top_p,
+        max_ar_steps=max_ar_steps, seed=seed, prompt_seconds=prompt_seconds,
+    )
+    return out.wav, out.sample_rate
