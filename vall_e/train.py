@@ -102,6 +102,8 @@ class Evaluator:
             from .emb import qnt
 
             for path, ref, hyp in zip(paths, refs, hyps):
+                if len(hyp) == 0:  # the AR stopped at once: nothing to decode
+                    continue
                 uid = Path(path).name.split(".", 1)[0]
                 qnt.decode_to_file(ref.cpu(), out_dir / f"{uid}.ref.wav", device=self.cfg.device, codec_weights=self.cfg.codec_weights)
                 qnt.decode_to_file(hyp.cpu(), out_dir / f"{uid}.hyp.wav", device=self.cfg.device, codec_weights=self.cfg.codec_weights)
