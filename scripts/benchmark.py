@@ -93,15 +93,18 @@ def bench_nar_inference(nar, device, repeats: int) -> float:
     return best_time(lambda: nar.generate(text, proms, first), repeats, device)
 
 
-def bench_training(model, device, repeats: int) -> float:
-    """Seconds per optimizer step at batch 4 (fwd + bwd + Adam)."""
+def bench_training(model, device, repeats: int, amp: str = "none") -> float:
+    """Seconds per optimizer step at batch 4 (fwd + bwd + Adam), optionally under autocast."""
     text, proms, resps = inputs(TRAIN_BATCH, TRAIN_RESP, device, seed=2)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        model(text, proms, resps).loss.backward()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model(text, proms, resps).loss
+        loss.backward()
         opt.step()
 
     step()  # warm-up (allocates optimizer state)
@@ -115,6 +118,10 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     parser.add_argument("--quick", action="store_true", help="one run each and a 40-step uncached measurement")
+    parser.add_argument(
+        "--amp", default="none", choices=["none", "bf16", "fp16"],
+        help="also time training under autocast in this dtype (extra *_<amp> keys; the fixed keys stay fp32)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -135,6 +142,11 @@ def main(argv=None) -> None:
     result["ar_train_frames_per_s"] = TRAIN_BATCH * TRAIN_RESP / result["ar_train_step_s"]
     result["nar_train_step_s"] = bench_training(nar, device, repeats)
     result["nar_train_frames_per_s"] = TRAIN_BATCH * TRAIN_RESP / result["nar_train_step_s"]
+    if args.amp != "none":
+        for kind, model in (("ar", ar), ("nar", nar)):
+            seconds = bench_training(model, device, repeats, args.amp)
+            result[f"{kind}_train_step_s_{args.amp}"] = seconds
+            result[f"{kind}_train_frames_per_s_{args.amp}"] = TRAIN_BATCH * TRAIN_RESP / seconds
 
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if device.type == "cuda":

@@ -216,7 +216,7 @@ class SelfAttention(nn.Module):
             x: ``(b, t, d)``.
             attn_mask: boolean (True = may attend) or additive float, broadcastable to
                 ``(b, h, t, start + t)``.
-            is_causal: lower-triangular masking (only without a cache).
+            is_causal: lower-triangular masking; with a cache only for a prefill (``start == 0``).
             kv_cache: ``(2, b, h, T, d_head)`` keys and values of this layer; ``x``'s are written at
                 columns ``start .. start + t`` and the attention reads columns ``0 .. start + t``.
             start: column of ``x``'s first token in the cache.
