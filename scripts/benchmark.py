@@ -57,7 +57,10 @@ def inputs(batch: int, n_resp: int, device: torch.device, seed: int = 0):
 def bench_ar_generation(ar, device, repeats: int, quick: bool) -> dict:
     out: dict = {}
     text1, proms1, _ = inputs(1, 0, device)
-    gen = lambda text, proms, steps, **kw: ar.generate(text, proms, max_steps=steps, ignore_stop=True, **kw)  # noqa: E731
+
+    def gen(text, proms, steps, **kw):
+        return ar.generate(text, proms, max_steps=steps, ignore_stop=True, **kw)
+
     gen(text1, proms1, 20)  # warm-up
 
     def sampled(text, proms, steps):
@@ -151,7 +154,8 @@ def main(argv=None) -> None:
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if device.type == "cuda":
         result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    on_cuda = device.type == "cuda"
+    result["device"] = torch.cuda.get_device_name(device) if on_cuda else f"cpu x{torch.get_num_threads()}"
     result["preset"] = f"ar{suffix}/nar{suffix}"
     result["torch"] = torch.__version__
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))

@@ -196,13 +196,15 @@ def test_batched_equals_single(ar):
     prefix = [r[:n, 0] for r, n in zip(resps, (2, 6, 0))]
     batched = ar.generate(text, proms, max_steps=30, temperature=0.0, prefix_list=prefix)
     for i in range(len(LENS)):
-        alone = ar.generate(text[i : i + 1], proms[i : i + 1], max_steps=30, temperature=0.0, prefix_list=prefix[i : i + 1])
+        one = slice(i, i + 1)
+        alone = ar.generate(text[one], proms[one], max_steps=30, temperature=0.0, prefix_list=prefix[one])
         assert torch.equal(batched[i], alone[0])
 
 
 def test_ignore_stop_and_stop_token(ar):
     text, proms, _ = make_batch(LENS, seed=4)
-    out = ar.generate(text, proms, max_steps=17, temperature=1.0, ignore_stop=True, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    out = ar.generate(text, proms, max_steps=17, temperature=1.0, ignore_stop=True, generator=g)
     assert [len(o) for o in out] == [17, 17, 17]
     assert all(int(o.max()) < ar.stop_token for o in out)
     # a model that always prefers the stop token returns empty responses

@@ -116,16 +116,16 @@ class AR(Base):
         """
         model = self._unsharded()
         if model is not self:
-            return model.generate(
-                text_list, proms_list, max_steps, temperature, top_k, top_p, generator, prefix_list, ignore_stop, use_cache
-            )
+            args = (max_steps, temperature, top_k, top_p, generator, prefix_list, ignore_stop, use_cache)
+            return model.generate(text_list, proms_list, *args)
         b = len(text_list)
         if prefix_list is None:
             prefix_list = [text_list[0].new_zeros(0) for _ in range(b)]
         was_training = self.training
         self.eval()  # no dropout while sampling
         try:
-            decoder = (_CachedDecoder if use_cache else _RecomputeDecoder)(self, text_list, proms_list, prefix_list, max_steps)
+            decoder_cls = _CachedDecoder if use_cache else _RecomputeDecoder
+            decoder = decoder_cls(self, text_list, proms_list, prefix_list, max_steps)
             out = torch.full((b, max_steps), self.stop_token, dtype=torch.long, device=self.device)
             stopped = torch.zeros(b, dtype=torch.bool, device=self.device)
             # asking "all stopped?" waits for the device; on a GPU ask every few steps only
@@ -195,7 +195,8 @@ class _CachedDecoder:
     def step(self, token: Tensor) -> Tensor:
         """Feed the sampled tokens ``(b,)``; return the next logits ``(b, n_classes)``."""
         model = self.model
-        x = F.embedding(token, model.resp_emb.weight).add_(self.pe.index_select(0, self.pos))  # codebook-1 rows start at 0
+        # codebook 1 is level 0 of the response table: its rows are the token ids
+        x = F.embedding(token, model.resp_emb.weight).add_(self.pe.index_select(0, self.pos))
         mask = None if self.step_mask is None else self.step_mask[..., : self.col + 1]
         for params, cache in self.layers:
             x = Block.step(x, params, cache, self.col, mask)

@@ -37,7 +37,9 @@ _SIZES = {
     "-quarter": dict(d_model=256, n_heads=4, n_layers=12),
     "-tiny": dict(d_model=64, n_heads=2, n_layers=2),
 }
-PRESETS: dict[str, dict] = {f"{kind}{suffix}": dict(kind=kind, **size) for kind in ("ar", "nar") for suffix, size in _SIZES.items()}
+PRESETS: dict[str, dict] = {
+    f"{kind}{suffix}": dict(kind=kind, **size) for kind in ("ar", "nar") for suffix, size in _SIZES.items()
+}
 
 
 @dataclass

@@ -49,7 +49,8 @@ class NAR(Base):
 
     def _check_levels(self, quant_levels: Tensor) -> None:
         if bool(((quant_levels < 1) | (quant_levels >= self.config.n_resp_levels)).any()):
-            raise ValueError(f"quant_levels must be within 1..{self.config.n_resp_levels - 1}, got {quant_levels.tolist()}")
+            top = self.config.n_resp_levels - 1
+            raise ValueError(f"quant_levels must be within 1..{top}, got {quant_levels.tolist()}")
 
     def forward(
         self,
