@@ -89,7 +89,8 @@ def sentences(max_words: int | None = None) -> list[str]:
 def _espeak() -> str:
     exe = shutil.which("espeak-ng")
     if exe is None:
-        raise RuntimeError("espeak-ng is not installed: apt-get install -y espeak-ng (macOS: brew install it)")
+        hint = "apt-get install -y espeak-ng (macOS: brew install espeak-ng)"
+        raise RuntimeError(f"espeak-ng is not installed: {hint}")
     return exe
 
 
