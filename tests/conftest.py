@@ -1,0 +1,56 @@
+"""Shared fixtures: a fresh espeak-ng corpus, and a copy of it tokenized by the real tools.
+
+Both fixtures are session-scoped and shared by every test: treat them as read-only (copy them
+with ``shutil.copytree`` before changing anything).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Tests never reach for the network: NLTK resources that are absent stay absent (the offline
+# path), whatever machine runs them. Subprocesses inherit this.
+os.environ.setdefault("VALL_E_NLTK_DOWNLOAD", "0")
+
+
+def load_make_corpus() -> ModuleType:
+    """``scripts/make_corpus.py`` as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("make_corpus", REPO / "scripts" / "make_corpus.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def espeak_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh LibriTTS-shaped corpus: 2 speakers x 4 short utterances (``<spk>/<chapter>/<id>.wav``
+    + ``.normalized.txt``), espeak-ng audio at 22.05 kHz. Speaker = ``p.parts[-3]``."""
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is required by the tests: apt-get install -y espeak-ng")
+    out = tmp_path_factory.mktemp("espeak_corpus")
+    load_make_corpus().make_corpus(out, n_speakers=2, n_utts=4, seed=0, max_words=6)
+    return out
+
+
+@pytest.fixture(scope="session")
+def prepared_corpus(espeak_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of :func:`espeak_corpus` with ``<id>.phn.txt`` (g2p) and ``<id>.qnt.pt`` (EnCodec
+    codes ``(1, 8, T)`` from ``codec_weights=untrained``), written by the CLIs' library functions."""
+    from vall_e.emb import g2p, qnt
+
+    out = tmp_path_factory.mktemp("prepared") / "corpus"
+    shutil.copytree(espeak_corpus, out)
+    summary = g2p.phonemize_folder(out, progress=False)
+    assert summary.ok and summary.written == 8, summary.report()
+    summary = qnt.quantize_folder(out, codec_weights="untrained", device="cpu", progress=False)
+    assert summary.ok and summary.written == 8, summary.report()
+    return out

@@ -1,0 +1,215 @@
+"""qnt: EnCodec 24 kHz codes with the real architecture (codec_weights=untrained, offline)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+from vall_e.emb import qnt
+from vall_e.utils.helpers import find_files, sibling
+
+REPO = Path(__file__).resolve().parents[1]
+UNTRAINED = dict(device="cpu", codec_weights="untrained")
+
+
+def expected_frames(path: Path) -> int:
+    """T = ceil(samples_at_24k / 320), from the file header alone."""
+    info = sf.info(str(path))
+    return math.ceil(math.ceil(info.frames * 24_000 / info.samplerate) / 320)
+
+
+def run_qnt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "vall_e.emb.qnt", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def speech(espeak_corpus: Path) -> tuple[torch.Tensor, int]:
+    """One espeak-ng utterance as float32 (n,) and its rate (22.05 kHz)."""
+    data, sr = sf.read(str(find_files(espeak_corpus, ".wav")[0]), dtype="float32")
+    return torch.from_numpy(data), sr
+
+
+@pytest.mark.parametrize(
+    "sr,channels,ext",
+    [(24_000, 1, "wav"), (16_000, 1, "wav"), (22_050, 1, "flac"), (44_100, 2, "wav"), (48_000, 1, "flac")],
+)
+def test_shape_for_any_rate_and_channels(speech, tmp_path: Path, sr: int, channels: int, ext: str) -> None:
+    wav, orig = speech
+    wav = AF.resample(wav[: orig + 123], orig, sr)  # about a second: shapes need no more
+    if channels == 2:
+        wav = torch.stack([wav, 0.5 * wav])
+    path = tmp_path / f"x.{ext}"
+    sf.write(str(path), (wav.T if channels == 2 else wav).numpy(), sr)
+    codes = qnt.encode_from_file(path, **UNTRAINED)
+    assert codes.dtype == torch.int64 and codes.shape == (1, 8, expected_frames(path))
+    assert 0 <= int(codes.min()) and int(codes.max()) < 1024
+    if channels == 2:  # in-memory (channels, n) input takes the same path
+        assert qnt.encode(wav, sr, **UNTRAINED).shape == codes.shape
+
+
+def test_untrained_codes_are_diverse_and_weights_path_loads(tmp_path: Path) -> None:
+    text = "The quick brown fox jumps over the lazy dog in the garden."
+    wav_path = tmp_path / "long.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(wav_path), "--", text], check=True)
+    codes = qnt.encode_from_file(wav_path, **UNTRAINED)
+    assert codes.shape[-1] > 200  # about three seconds
+    distinct = [len(codes[0, q].unique()) for q in range(8)]
+    assert distinct[0] > 50 and min(distinct) > 50, distinct
+
+    # codec_weights=<path> loads a saved state dict into the same architecture
+    ckpt = tmp_path / "codec.th"
+    torch.save(qnt.load_codec("untrained", "cpu").state_dict(), ckpt)
+    clip = qnt.to_codec_input(*qnt.load_audio(wav_path))[:24_000]
+    assert torch.equal(qnt.encode(clip, 24_000, device="cpu", codec_weights=str(ckpt)), codes[..., :75])
+
+
+def test_untrained_codec_is_reproducible_and_matches_data_test(monkeypatch) -> None:
+    """A rebuilt untrained codec gives exactly the shipped data/test codes (made in another process)
+    and leaves the global RNG alone."""
+    monkeypatch.setattr(qnt, "_codecs", {})  # force a rebuild
+    state = torch.random.get_rng_state()
+    for name in ("test", "test2"):
+        shipped = torch.load(REPO / "data" / "test" / f"{name}.qnt.pt")
+        assert shipped.dtype == torch.int64 and shipped.shape[:2] == (1, 8)
+        assert torch.equal(qnt.encode_from_file(REPO / "data" / "test" / f"{name}.wav", **UNTRAINED), shipped)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_batched_codes_equal_single_codes(prepared_corpus: Path, tmp_path: Path) -> None:
+    """The folder runner in batched mode (zero-padded batches) writes the one-file-per-pass codes."""
+    speaker = sorted(p for p in prepared_corpus.iterdir() if p.is_dir())[0]
+    corpus = tmp_path / speaker.name
+    shutil.copytree(speaker, corpus, ignore=shutil.ignore_patterns("*.qnt.pt"))
+    wavs = find_files(corpus, ".wav")
+    assert len({sf.info(str(p)).frames for p in wavs}) == len(wavs) == 4  # padding is exercised
+    summary = qnt.quantize_folder(corpus, batch_seconds=60, progress=False, **UNTRAINED)
+    assert summary.ok and summary.written == len(wavs)
+    for p in wavs:
+        single = torch.load(prepared_corpus / sibling(p, ".qnt.pt").relative_to(tmp_path))
+        assert torch.equal(torch.load(sibling(p, ".qnt.pt")), single)
+    assert qnt._batches([(Path(str(i)), float(i)) for i in range(1, 9)], 12.0) == [
+        [(Path("8"), 8.0)], [(Path("7"), 7.0)], [(Path("6"), 6.0), (Path("5"), 5.0)],
+        [(Path("4"), 4.0), (Path("3"), 3.0), (Path("2"), 2.0)], [(Path("1"), 1.0)],
+    ]  # longest first; a batch's size x its longest file stays within 12 s
+
+
+def test_cli_reports_corrupt_files_and_rerun_does_nothing(espeak_corpus: Path, tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    shutil.copytree(espeak_corpus, corpus, ignore=shutil.ignore_patterns("*_000004.*"))  # fewer = faster
+    wavs = find_files(corpus, ".wav")
+    assert len(wavs) == 6
+    corrupt = wavs[0].with_name("corrupt.wav")
+    corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" + bytes(range(256)) * 4)
+    empty = wavs[0].with_name("empty.wav")
+    empty.write_bytes(b"")
+    silent = wavs[0].with_name("nosamples.wav")
+    sf.write(str(silent), torch.zeros(0).numpy(), 22_050)
+
+    proc = run_qnt(str(corpus), "codec_weights=untrained", "device=cpu")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"{len(wavs)} written" in proc.stdout and "3 failed" in proc.stdout
+    for bad in (corrupt, empty, silent):
+        assert str(bad) in proc.stdout
+    assert "no audio (0 samples)" in proc.stdout and "empty file" in proc.stdout
+    for wav in wavs:
+        codes = torch.load(sibling(wav, ".qnt.pt"))
+        assert codes.dtype == torch.int64 and codes.shape == (1, 8, expected_frames(wav))
+    assert not [p for p in corpus.rglob(".*")]  # no temp files from the atomic writes
+
+    for bad in (corrupt, empty, silent):
+        bad.unlink()
+    before = {p: p.stat().st_mtime_ns for p in corpus.rglob("*.qnt.pt")}
+    proc = run_qnt(str(corpus), "codec_weights=untrained", "device=cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 written" in proc.stdout and f"{len(wavs)} already done" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in corpus.rglob("*.qnt.pt")} == before
+
+
+def test_flac_suffix(tmp_path: Path, speech) -> None:
+    wav, sr = speech
+    sf.write(str(tmp_path / "a.flac"), wav.numpy(), sr)
+    sf.write(str(tmp_path / "b.wav"), wav.numpy(), sr)
+    summary = qnt.quantize_folder(tmp_path, suffix=".flac", progress=False, **UNTRAINED)
+    assert summary.written == 1 and (tmp_path / "a.qnt.pt").exists() and not (tmp_path / "b.qnt.pt").exists()
+
+
+def test_decode_round_trip_shapes(prepared_corpus: Path, tmp_path: Path, caplog, monkeypatch) -> None:
+    monkeypatch.setattr(qnt, "_warned_untrained_decode", False)
+    codes = torch.load(find_files(prepared_corpus, ".qnt.pt")[0])[..., :60]
+    t = codes.shape[-1]
+    with caplog.at_level(logging.WARNING, logger="vall_e.emb.qnt"):
+        wav, sr = qnt.decode(codes, **UNTRAINED)
+        wav2, _ = qnt.decode(codes[0].T, **UNTRAINED)  # (t, q), as the models produce
+    assert sr == 24_000 and wav.shape == wav2.shape == (1, t * 320) and wav.dtype == torch.float32
+    assert torch.equal(wav, wav2) and torch.isfinite(wav).all()
+    assert sum("NOT speech" in r.getMessage() for r in caplog.records) == 1  # warned once
+
+    out = tmp_path / "out.wav"
+    qnt.decode_to_file(codes[0].T, out, **UNTRAINED)
+    info = sf.info(str(out))
+    assert (info.samplerate, info.channels, info.frames) == (24_000, 1, t * 320)
+    assert qnt.encode_from_file(out, **UNTRAINED).shape == (1, 8, t)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.wav"]
+
+    with pytest.raises(ValueError, match="codes must lie in"):
+        qnt.decode(torch.full((5, 8), 1024), **UNTRAINED)
+
+
+def test_interrupted_write_leaves_nothing(tmp_path: Path, speech, monkeypatch) -> None:
+    wav, sr = speech
+    sf.write(str(tmp_path / "a.wav"), wav.numpy(), sr)
+
+    def broken_save(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        qnt.quantize_folder(tmp_path, progress=False, **UNTRAINED)
+    assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]
+
+
+def test_bad_inputs_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.wav"
+    with pytest.raises(qnt.AudioError, match="missing.wav"):
+        qnt.encode_from_file(missing, **UNTRAINED)
+    empty = tmp_path / "empty.wav"
+    sf.write(str(empty), torch.zeros(0).numpy(), 16_000)
+    with pytest.raises(qnt.AudioError, match=r"empty.wav: no audio"):
+        qnt.encode_from_file(empty, **UNTRAINED)
+
+
+def test_pretrained_offline_error_says_how_to_proceed(monkeypatch) -> None:
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(qnt, "_codecs", {})
+    with pytest.raises(qnt.CodecUnavailableError) as err:
+        qnt.load_codec("pretrained", "cpu")
+    message = str(err.value)
+    needles = (qnt.PRETRAINED_CHECKPOINT, qnt.PRETRAINED_URL, torch.hub.get_dir(), "codec_weights=untrained",
+               "codec_weights=/path/to/")
+    for needle in needles:
+        assert needle in message
+
+
+def test_bad_codec_weights_path(tmp_path: Path) -> None:
+    with pytest.raises(qnt.CodecUnavailableError, match="no such file"):
+        qnt.load_codec(str(tmp_path / "nope.th"))
+    bogus = tmp_path / "bogus.th"
+    torch.save({"weight": torch.zeros(2)}, bogus)
+    with pytest.raises(qnt.CodecUnavailableError, match="not an EnCodec 24 kHz state dict"):
+        qnt.load_codec(str(bogus))
