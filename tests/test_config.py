@@ -1,0 +1,138 @@
+"""The config system: merge order, clear errors, help, safe spkr_name_getter, derived paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vall_e.config import Config, parse_spkr_name_getter
+from vall_e.emb import g2p, qnt
+from vall_e.utils.config import ConfigError
+
+
+def test_merge_order_defaults_yaml_cli(tmp_path: Path) -> None:
+    path = tmp_path / "run.yml"
+    path.write_text("batch_size: 4\nnj: 3\ndata_dirs: [a, b]\n")
+    cfg = Config.parse([f"yaml={path}", "nj=5"])
+    assert (cfg.batch_size, cfg.nj, cfg.data_dirs, cfg.eval_batch_size) == (4, 5, ["a", "b"], 32)
+    assert Config.parse([]).batch_size == 32
+
+
+def test_unknown_key_suggests_the_closest_field(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown config field 'batch_sise'.*did you mean 'batch_size'"):
+        Config.parse(["batch_sise=4"])
+    path = tmp_path / "run.yml"
+    path.write_text("codec_weight: untrained\n")
+    with pytest.raises(ConfigError, match=r"'codec_weight'.*run.yml.*did you mean 'codec_weights'"):
+        Config.parse([f"yaml={path}"])
+
+
+def test_wrong_type_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="batch_size") as err:
+        Config.parse(["batch_size=abc"])
+    assert "abc" in str(err.value)
+
+
+def test_missing_yaml_names_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.yml"
+    with pytest.raises(ConfigError, match=r"nope\.yml.*does not exist"):
+        Config.parse([f"yaml={missing}"])
+
+
+@pytest.mark.parametrize("main", [qnt.main, g2p.main], ids=["qnt", "g2p"])
+def test_entry_points_list_the_config_and_reject_bad_values(main, capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["help=true"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for name in Config.field_names():
+        assert f"  {name} " in out
+    assert "codec_weights" in out and "'pretrained'" in out
+
+    for words, needle in ((["batch_size=abc"], "batch_size"), (["codec_weight=untrained"], "codec_weights")):
+        with pytest.raises(SystemExit) as done:
+            main(["some/folder", *words])
+        assert done.value.code == 2
+        assert needle in capsys.readouterr().err
+
+
+def test_free_text_with_equals_is_not_an_override() -> None:
+    ours, rest = Config.split_argv(["nj=2", "a=b is text", "out.wav", "yaml=x.yml", "model.x=1"])
+    assert ours == ["nj=2", "yaml=x.yml", "model.x=1"] and rest == ["a=b is text", "out.wav"]
+
+
+@pytest.mark.parametrize(
+    "source,expected",
+    [
+        ("lambda p: p.parts[-2]", "spk"),
+        ("lambda p: p.parts[-3]", "LibriTTS_spk"),
+        ("lambda  path :path.parts[ -1 ]", "x.qnt.pt"),
+        ("lambda p: p.parts[0]", "data"),
+    ],
+)
+def test_spkr_name_getter_accepted_forms(source: str, expected: str) -> None:
+    path = Path("data/LibriTTS_spk/spk/x.qnt.pt")
+    assert parse_spkr_name_getter(source)(path) == expected
+    assert Config.parse([f"spkr_name_getter={source}"]).get_spkr(path) == expected
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "lambda p: p.name",
+        "lambda p: q.parts[-2]",
+        "lambda p: p.parts[-2] + 'x'",
+        "lambda p: __import__('os').system('echo hi')",
+        "p.parts[-2]",
+        "lambda p: p.parts[1:2]",
+    ],
+)
+def test_spkr_name_getter_rejects_everything_else(source: str) -> None:
+    with pytest.raises(ConfigError, match=r"lambda p: p.parts\[<int>\]"):
+        parse_spkr_name_getter(source)
+    with pytest.raises(ConfigError):
+        Config.parse([f"spkr_name_getter={source}"])
+
+
+def test_spkr_name_getter_index_out_of_range() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        parse_spkr_name_getter("lambda p: p.parts[-5]")(Path("a/b.wav"))
+
+
+@pytest.mark.parametrize(
+    "yaml_path,cfg_name",
+    [
+        ("config/LibriTTS/ar.yml", "LibriTTS/ar"),
+        ("config/test/nar.yml", "test/nar"),
+        ("/abs/repo/config/LibriTTS/ar-quarter.yaml", "LibriTTS/ar-quarter"),
+        ("my/own/run.yml", "my/own/run"),
+        ("/elsewhere/run.yml", "run"),
+        ("../up/run.yml", "run"),
+    ],
+)
+def test_cfg_name_and_derived_dirs(tmp_path: Path, yaml_path: str, cfg_name: str) -> None:
+    cfg = Config.parse([])
+    cfg.yaml_path = yaml_path  # as build() records it; the file itself is not needed here
+    assert cfg.cfg_name == cfg_name
+    assert cfg.ckpt_dir == Path("ckpts") / cfg_name
+    assert cfg.log_dir.parent == Path("logs") / cfg_name
+    assert Config.parse([]).cfg_name == "default"
+
+
+def test_cfg_name_from_a_real_yaml(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config" / "LibriTTS").mkdir(parents=True)
+    (tmp_path / "config" / "LibriTTS" / "ar.yml").write_text("nj: 1\n")
+    cfg = Config.parse(["yaml=config/LibriTTS/ar.yml"])
+    assert (cfg.cfg_name, cfg.yaml_path, cfg.nj) == ("LibriTTS/ar", "config/LibriTTS/ar.yml", 1)
+
+
+def test_validation_errors_name_the_field() -> None:
+    for words, needle in (
+        (["min_phones=60", "max_phones=50"], "min_phones"),
+        (["batch_size=0"], "batch_size"),
+        (["p_additional_prompt=1.5"], "p_additional_prompt"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            Config.parse(words)
