@@ -33,4 +33,4 @@ $PY -m vall_e.export zoo/test/nar.pt yaml=config/test/nar.yml
 echo "== 5/5 synthesize"
 mkdir -p out
 $PY -m vall_e "$(cat data/test/test.normalized.txt)" data/test/test2.wav out/quickstart.wav \
-  --ar-ckpt zoo/test/ar.pt --nar-ckpt zoo/test/nar.pt --device cpu --seed 0 codec_weights=untrained
+  --ar-ckpt zoo/test/ar.pt --nar-ckpt zoo/test/nar.pt --device cpu --seed 0 --max-ar-steps 600 codec_weights=untrained
