@@ -40,7 +40,13 @@ def test_missing_yaml_names_the_file(tmp_path: Path) -> None:
         Config.parse([f"yaml={missing}"])
 
 
-@pytest.mark.parametrize("main", [qnt.main, g2p.main], ids=["qnt", "g2p"])
+def _train_main(argv):
+    from vall_e.train import main
+
+    return main(argv)
+
+
+@pytest.mark.parametrize("main", [qnt.main, g2p.main, _train_main], ids=["qnt", "g2p", "train"])
 def test_entry_points_list_the_config_and_reject_bad_values(main, capsys) -> None:
     with pytest.raises(SystemExit) as done:
         main(["help=true"])
@@ -52,7 +58,7 @@ def test_entry_points_list_the_config_and_reject_bad_values(main, capsys) -> Non
 
     for words, needle in ((["batch_size=abc"], "batch_size"), (["codec_weight=untrained"], "codec_weights")):
         with pytest.raises(SystemExit) as done:
-            main(["some/folder", *words])
+            main(([] if main is _train_main else ["some/folder"]) + words)
         assert done.value.code == 2
         assert needle in capsys.readouterr().err
 
@@ -136,3 +142,23 @@ def test_validation_errors_name_the_field() -> None:
     ):
         with pytest.raises(ConfigError, match=needle):
             Config.parse(words)
+
+
+@pytest.mark.parametrize("module", ["vall_e.export", "vall_e"])
+def test_export_and_synthesis_clis_list_the_config_and_reject_bad_values(module, capsys) -> None:
+    for words, code, stream, needle in (
+        (["help=true"], 0, "out", "codec_weights"),
+        (["zoo/x.pt", "batch_size=abc"], 2, "err", "batch_size"),
+    ):
+        with pytest.raises(SystemExit) as done:
+            _run_main(module, words)
+        assert done.value.code == code
+        captured = capsys.readouterr()
+        assert needle in getattr(captured, stream)
+
+
+def _run_main(module: str, argv: list[str]) -> None:
+    import importlib
+
+    main = importlib.import_module(module if module != "vall_e" else "vall_e.__main__").main
+    raise SystemExit(main(argv))
