@@ -32,7 +32,6 @@ setup(
     extras_require={"test": ["pytest>=7"]},
     classifiers=[
         "Programming Language :: Python :: 3",
-        "License :: OSI Approved :: MIT License",
         "Topic :: Multimedia :: Sound/Audio :: Speech",
     ],
 )
