@@ -20,61 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 STATES = "mp_rank_00_model_states.pt"
 
 
-def train_tiny_models(corpus: Path, root: Path) -> dict[str, Path]:
-    """Train ar-tiny and nar-tiny on ``corpus`` once per session (both at once); returns {kind: yaml path}.
-
-    Shared by test_synthesis.py: the first caller trains, later callers find ``root/done``.
-    """
-    cfgs = {}
-    for kind in ("ar", "nar"):
-        cfg = {
-            "model": f"{kind}-tiny",
-            "data_dirs": [str(corpus)],
-            "spkr_name_getter": "lambda p: p.parts[-3]",
-            "min_phones": 1,
-            "max_phones": 400,
-            "batch_size": 2,
-            "eval_batch_size": 8,
-            "max_num_val": 1,
-            "max_val_ar_steps": 5,  # the end-of-run evaluation stays short
-            "max_iter": 30,
-            "warmup_num_steps": 5,
-            "warmup_max_lr": 1e-3,
-            "save_ckpt_every": 10_000,
-            "eval_every": 10_000,
-            "log_every": 10,
-            "nj": 0,
-            "device": "cpu",
-            "codec_weights": "untrained",
-            "ckpt_root": str(root / "ckpts"),
-            "log_root": str(root / "logs"),
-        }
-        path = root / "config" / f"{kind}.yml"
-        if not (root / "done").exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(cfg))
-        cfgs[kind] = path
-    if (root / "done").exists():
-        return cfgs
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    procs = {}
-    for kind, path in cfgs.items():
-        procs[kind] = subprocess.Popen(
-            [sys.executable, "-m", "vall_e.train", f"yaml={path}"], cwd=REPO, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-        )
-    for kind, proc in procs.items():
-        out, _ = proc.communicate(timeout=600)
-        assert proc.returncode == 0, f"training {kind} failed:\n{out[-4000:]}"
-    (root / "done").touch()
-    return cfgs
-
-
-@pytest.fixture(scope="session")
-def tiny_runs(prepared_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return train_tiny_models(prepared_corpus, tmp_path_factory.getbasetemp() / "tiny_models")
-
-
 def ckpt_dir(cfg_path: Path) -> Path:
     return Path(yaml.safe_load(cfg_path.read_text())["ckpt_root"]) / cfg_path.stem
 

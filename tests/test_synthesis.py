@@ -16,7 +16,6 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from test_export import train_tiny_models  # the same session-wide training runs as test_export.py
 from vall_e.__main__ import main
 from vall_e.emb import qnt
 from vall_e.export import InferenceFileError, export
@@ -27,19 +26,10 @@ STEPS = 20  # AR frames per output: the tiny models rarely stop on their own
 FAST = ["--max-ar-steps", str(STEPS), "--device", "cpu", "codec_weights=untrained"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are bound by per-op overhead: one thread is faster, above all on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="session")
-def zoo(prepared_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def zoo(tiny_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Exported ``ar.pt`` / ``nar.pt`` of the tiny models."""
-    cfgs = train_tiny_models(prepared_corpus, tmp_path_factory.getbasetemp() / "tiny_models")
+    cfgs = tiny_runs
     out = tmp_path_factory.mktemp("zoo")
     import yaml
 
