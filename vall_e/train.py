@@ -67,6 +67,7 @@ class Evaluator:
         totals: dict[str, float] = {}
         n_batches, n_utts = 0, 0
         matches: list[float] = []
+        greedy_matches: list[float] = []  # AR: separates how well the model fits from sampling noise
         for bi, batch in enumerate(loader):
             text, proms, resps = (to_device(batch[k], device) for k in ("text", "proms", "resps"))
             if cfg.model_kind == "ar":
@@ -75,6 +76,8 @@ class Evaluator:
                     text, proms, max_steps=cfg.max_val_ar_steps, temperature=cfg.sampling_temperature, generator=gen
                 )
                 matches += [_codes_match(h, r[:, 0]) for h, r in zip(hyps, resps)]
+                greedy = model.generate(text, proms, max_steps=cfg.max_val_ar_steps, temperature=0.0)
+                greedy_matches += [_codes_match(h, r[:, 0]) for h, r in zip(greedy, resps)]
                 hyp_codes = [h.unsqueeze(-1) for h in hyps]
             else:
                 # a fixed level per sample keeps the teacher-forced numbers comparable across evals
@@ -90,6 +93,8 @@ class Evaluator:
                 self._write_audio(batch["path"], resps, hyp_codes, split, step)
         stats = {k: v / n_batches for k, v in totals.items()}
         stats["gen_match"] = sum(matches) / len(matches)
+        if greedy_matches:
+            stats["gen_match_greedy"] = sum(greedy_matches) / len(greedy_matches)
         stats["n"] = n_utts
         return stats
 
