@@ -142,7 +142,8 @@ def test_activation_checkpointing_same_gradients():
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        model = get_model("nar-tiny", p_dropout=0.0, activation_checkpointing=ckpt).train()
+        model = get_model("nar-tiny", activation_checkpointing=ckpt).train()
+        torch.manual_seed(1)  # the recomputed blocks must draw the same dropout masks
         model(text, proms, resps, quant_levels=torch.tensor([1, 2, 3])).loss.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     for a, b in zip(*grads):
@@ -293,3 +294,21 @@ def test_tiny_nar_overfits_two_utterances():
             if acc >= 0.95:
                 break
     assert acc >= 0.95
+
+
+def test_cpu_dropout():
+    from vall_e.base import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200, 500, requires_grad=True)
+    y = dropout(x, 0.1, training=True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.9))
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)
+    assert dropout(x, 0.1, training=False) is x
+    torch.manual_seed(1)
+    a = dropout(x, 0.3, True)
+    torch.manual_seed(1)
+    assert torch.equal(a, dropout(x, 0.3, True))  # seeded by the global generator

@@ -174,7 +174,7 @@ class _CachedDecoder:
         self.cache = x.new_empty(cfg.n_layers, 2, b, cfg.n_heads, T, cfg.d_model // cfg.n_heads)
         self.layers = [(block.step_params(), cache) for block, cache in zip(model.blocks, self.cache.unbind(0))]
         norm = model.norm.ln
-        self.head = (norm.weight, norm.bias, norm.eps, model.classifier.weight, model.classifier.bias)
+        self.head = (norm.weight, norm.bias, norm.eps, model.classifier.w, model.classifier.bias)
         self.pos = seq_lens.clone()  # position of each sample's next token
         self.col = P  # cache column of the next token (shared)
         if bool((seq_lens == P).all()):
