@@ -47,6 +47,7 @@ def best_time(fn, repeats: int, device: torch.device) -> float:
 
 
 def inputs(batch: int, n_resp: int, device: torch.device, seed: int = 0):
+    """Random (text, prompt, response) lists: 40 phones, 225 prompt frames, ``n_resp`` response frames."""
     g = torch.Generator().manual_seed(seed)
     text = [torch.randint(1, 256, (N_PHONES,), generator=g).to(device) for _ in range(batch)]
     proms = [torch.randint(0, 1024, (PROMPT_FRAMES, 8), generator=g).to(device) for _ in range(batch)]
@@ -55,6 +56,8 @@ def inputs(batch: int, n_resp: int, device: torch.device, seed: int = 0):
 
 
 def bench_ar_generation(ar, device, repeats: int, quick: bool) -> dict:
+    """ms per generated token with the KV cache (sampling, T=1) and without it (greedy), and whether
+    greedy cached and recomputed generation agree on this input. Prefill time is included."""
     out: dict = {}
     text1, proms1, _ = inputs(1, 0, device)
 
@@ -90,6 +93,7 @@ def bench_ar_generation(ar, device, repeats: int, quick: bool) -> dict:
 
 
 def bench_nar_inference(nar, device, repeats: int) -> float:
+    """Seconds to fill codebooks 2..8 of 10 s of audio (7 greedy passes), batch 1."""
     text, proms, resps = inputs(1, AUDIO_10S, device)
     first = [r[:, 0] for r in resps]
     nar.generate(text, proms, [f[:50] for f in first])  # warm-up
