@@ -279,6 +279,9 @@ class DataBundle:
             num_workers=cfg.nj,
             persistent_workers=cfg.nj > 0,
             prefetch_factor=4 if cfg.nj > 0 else None,
+            # Workers start fresh instead of forking a process that already runs gloo, DeepSpeed and
+            # OpenMP threads (a fork can copy a lock another thread holds and hang the first batch).
+            multiprocessing_context="spawn" if cfg.nj > 0 else None,
             pin_memory=cfg.device.startswith("cuda"),
             # its own generator: creating the loader must not advance the global RNG (exact resume)
             generator=torch.Generator().manual_seed(cfg.seed + rank),
