@@ -41,10 +41,6 @@ class Utterance:
     phones: list[str]
     n_frames: int = -1  # -1 until known (only needed for batch_frames)
 
-    @property
-    def id(self) -> str:
-        return Path(self.qnt_path).name.split(".", 1)[0]
-
 
 @dataclass
 class ScanReport:

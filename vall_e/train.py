@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from .config import Config
 from .data import DataBundle, DataError, load_data, summarize
 from .utils import distributed
-from .utils.helpers import atomic_write_text, seed_everything, setup_logging, to_device
+from .utils.helpers import atomic_write_text, seed_everything, setup_logging, to_device, utterance_id
 from .utils.trainer import TrainState, Trainer, log_stats
 
 _logger = logging.getLogger("vall_e.train")
@@ -109,7 +108,7 @@ class Evaluator:
             for path, ref, hyp in zip(paths, refs, hyps):
                 if len(hyp) == 0:  # the AR stopped at once: nothing to decode
                     continue
-                uid = Path(path).name.split(".", 1)[0]
+                uid = utterance_id(path)
                 qnt.decode_to_file(ref.cpu(), out_dir / f"{uid}.ref.wav", device=self.cfg.device, codec_weights=self.cfg.codec_weights)
                 qnt.decode_to_file(hyp.cpu(), out_dir / f"{uid}.hyp.wav", device=self.cfg.device, codec_weights=self.cfg.codec_weights)
         except Exception as e:  # e.g. pretrained weights unavailable offline
