@@ -173,10 +173,14 @@ class Trainer:
             self.state.consumed_batches += 1
             yield batch
 
-    def _step(self, batches: Iterator[dict[str, list[torch.Tensor]]]) -> dict[str, float]:
-        """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the engine."""
+    def _step(self, batches: Iterator[dict[str, list[torch.Tensor]]], log: bool) -> dict[str, float] | None:
+        """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the engine.
+
+        Stats (and the gradient norm) are turned into numbers only when ``log`` is set: reading a
+        device tensor back every step would stall the GPU for nothing.
+        """
         engine, device = self.engine, self.engine.device
-        totals: dict[str, float] = {}
+        totals: dict[str, torch.Tensor] = {}
         frames = 0
         n_micro = self.cfg.gradient_accumulation_steps
         grad_norm = None
@@ -185,16 +189,20 @@ class Trainer:
             text, proms, resps = (to_device(batch[k], device) for k in ("text", "proms", "resps"))
             out = engine(text, proms, resps)
             engine.backward(out.loss)
-            if i == n_micro - 1:
+            if log and i == n_micro - 1:
                 grad_norm = self._grad_norm()
             engine.step()
-            for k, v in out.stats.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / n_micro
+            if log:
+                for k, v in out.stats.items():
+                    totals[k] = totals.get(k, 0.0) + v.detach() / n_micro
             frames += sum(int(r.shape[0]) for r in resps)
-        totals["frames"] = float(frames)
+        if not log:
+            return None
+        stats = {k: float(v) for k, v in totals.items()}
+        stats["frames"] = float(frames)
         if grad_norm is not None:
-            totals["grad_norm"] = grad_norm
-        return totals
+            stats["grad_norm"] = grad_norm
+        return stats
 
     def _grad_norm(self) -> float | None:
         """Pre-clipping gradient norm, when the gradients are whole on this rank (ZeRO < 2)."""
@@ -225,11 +233,13 @@ class Trainer:
         _logger.info("training from step %d to max_iter=%d", self.state.step, cfg.max_iter)
         while self.state.step < cfg.max_iter:
             t0 = time.time()
-            stats = self._reduce(self._step(batches))
-            self.state.step += 1
-            dt = time.time() - t0
-            step = self.state.step
-            if step % cfg.log_every == 0 or step == 1 or step == cfg.max_iter:
+            step = self.state.step + 1
+            log = step % cfg.log_every == 0 or step == 1 or step == cfg.max_iter
+            stats = self._step(batches, log)
+            self.state.step = step
+            if stats is not None:
+                stats = self._reduce(stats)
+                dt = time.time() - t0
                 if "grad_norm" not in stats and engine.get_global_grad_norm() is not None:
                     stats["grad_norm"] = float(engine.get_global_grad_norm())
                 log_stats(
