@@ -16,7 +16,7 @@ import torch
 import torchaudio.functional as AF
 
 from vall_e.emb import qnt
-from vall_e.utils.helpers import find_files, sibling
+from vall_e.utils.helpers import atomic_path, find_files, sibling
 
 REPO = Path(__file__).resolve().parents[1]
 UNTRAINED = dict(device="cpu", codec_weights="untrained")
@@ -125,7 +125,7 @@ def test_cli_reports_corrupt_files_and_rerun_does_nothing(espeak_corpus: Path, t
     assert "no audio (0 samples)" in proc.stdout and "empty file" in proc.stdout
     for wav in wavs:
         codes = torch.load(sibling(wav, ".qnt.pt"))
-        assert codes.dtype == torch.int64 and codes.shape == (1, 8, expected_frames(wav))
+        assert codes.dtype == torch.int16 and codes.shape == (1, 8, expected_frames(wav))
     assert not [p for p in corpus.rglob(".*")]  # no temp files from the atomic writes
 
     for bad in (corrupt, empty, silent):
@@ -171,11 +171,12 @@ def test_interrupted_write_leaves_nothing(tmp_path: Path, speech, monkeypatch) -
     wav, sr = speech
     sf.write(str(tmp_path / "a.wav"), wav.numpy(), sr)
 
-    def broken_save(obj, f, *a, **k):
-        Path(f).write_bytes(b"partial")
-        raise KeyboardInterrupt
+    def broken_write(data, path):
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data[:10])  # interrupted half way
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(torch, "save", broken_save)
+    monkeypatch.setattr(qnt, "atomic_write_bytes", broken_write)
     with pytest.raises(KeyboardInterrupt):
         qnt.quantize_folder(tmp_path, progress=False, **UNTRAINED)
     assert [p.name for p in tmp_path.iterdir()] == ["a.wav"]

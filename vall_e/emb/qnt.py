@@ -1,9 +1,28 @@
 """Audio <-> EnCodec codes: the 24 kHz EnCodec model at 6 kbps (8 codebooks of 1024, 75 frames/s).
 
 Library: :func:`encode`, :func:`encode_from_file`, :func:`encode_batch`, :func:`decode`,
-:func:`decode_to_file`, :func:`load_codec`, :func:`quantize_folder`.
-CLI: ``python -m vall_e.emb.qnt <folder> [--suffix .wav] [key=value ...] [help=true]`` writes
-``<id>.qnt.pt`` = ``torch.save`` of an int64 tensor ``(1, 8, T)`` beside every audio file.
+:func:`decode_to_file`, :func:`load_codec`, :func:`quantize` / :func:`quantize_folder`,
+:func:`read_manifest`, :func:`save_codes`.
+
+CLI::
+
+    python -m vall_e.emb.qnt <folder> [--suffix .wav] [key=value ...] [help=true]
+    python -m vall_e.emb.qnt <segments.jsonl> <out_folder>
+    torchrun --nproc_per_node 8 -m vall_e.emb.qnt <folder> device=cuda
+
+A folder run writes ``<id>.qnt.pt`` = ``torch.save`` of an int16 tensor ``(1, 8, T)`` beside
+every ``.wav``/``.flac`` file (suffixes matched ignoring case). Readers accept any integer dtype
+(older files are int64). A manifest run writes ``<out>/<speaker>/<id>.qnt.pt`` and
+``<id>.normalized.txt`` per line, reading only the segment's samples.
+
+Sharding: under a launcher (RANK, WORLD_SIZE, LOCAL_RANK in the environment) each rank encodes
+a deterministic, duration-balanced shard (device=cuda picks ``cuda:<LOCAL_RANK>``); the
+per-rank summaries are merged on rank 0 through a gloo group when the launcher provides a
+rendezvous (MASTER_ADDR/PORT), else each rank reports its shard.
+
+Memory: the encoder's conv stack runs over 5 s chunks (:func:`_encode_padded`), and no
+file or segment longer than ``--max-seconds`` (120 s) is loaded; longer recordings need a
+segment manifest.
 
 Audio policy: any format soundfile reads (wav, flac ...), any sample rate (resampled to 24 kHz
 with ``torchaudio.functional.resample``), mono or multi-channel (channels are AVERAGED to mono:
@@ -28,6 +47,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 import threading
@@ -37,7 +57,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from ..utils.helpers import atomic_path, atomic_torch_save, find_files, setup_logging, sibling
+from ..utils.helpers import (
+    atomic_path,
+    atomic_write_bytes,
+    balanced_shards,
+    dist_env,
+    find_files_nocase,
+    gather_to_rank0,
+    init_gloo_for_summary,
+    setup_logging,
+    sibling,
+    utterance_id,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -261,18 +292,42 @@ def _build_untrained(seed: int = UNTRAINED_SEED) -> "EncodecModel":
 # audio
 
 
-def load_audio(path: str | Path) -> tuple["torch.Tensor", int]:
-    """Read audio as float32 ``(channels, n)`` plus its sample rate; :class:`AudioError` names a bad file."""
+def load_audio(
+    path: str | Path, start: float | None = None, end: float | None = None
+) -> tuple["torch.Tensor", int]:
+    """Read audio as float32 ``(channels, n)`` plus its sample rate; :class:`AudioError` names a bad file.
+
+    With ``start``/``end`` (seconds) only samples ``[round(start * sr), round(end * sr))`` are
+    read: soundfile seeks there, so cutting 10 s out of an hour reads 10 s. A segment that runs
+    past the end of the recording (by more than 10 ms) is an error.
+    """
     import soundfile as sf
     import torch
 
     path = Path(path)
+    if path.is_file() and path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file (0 bytes)")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (n, channels)
+        with sf.SoundFile(str(path)) as f:
+            sr, total = int(f.samplerate), int(f.frames)
+            first, last = 0, total
+            if start is not None or end is not None:
+                first = round((start or 0.0) * sr)
+                last = total if end is None else round(end * sr)
+                if last > total + sr // 100:
+                    raise AudioError(
+                        f"{path}: the segment ends at {end:.2f} s but the recording is {total / sr:.2f} s long"
+                    )
+                last = min(last, total)
+                if first > 0:
+                    f.seek(first)
+            data = f.read(frames=max(0, last - first), dtype="float32", always_2d=True)  # (n, channels)
+    except AudioError:
+        raise
     except Exception as e:  # libsndfile raises several types for missing, empty and corrupt files
         raise AudioError(f"{path}: cannot read audio ({str(e).strip() or type(e).__name__})") from e
     if data.shape[0] == 0:
-        raise AudioError(f"{path}: no audio (0 samples)")
+        raise AudioError(f"{path}: no audio (0 samples)" + ("" if start is None else " in the segment"))
     return torch.from_numpy(data.T.copy()), int(sr)
 
 
@@ -298,17 +353,79 @@ def to_codec_input(wav: "torch.Tensor", sr: int) -> "torch.Tensor":
 # encode / decode
 
 
+# The SEANet conv stack before the encoder's LSTM sees less than 2 frames (640 samples) of past
+# audio (measured: 2 and 32 frames of context give the same output to 4e-13). Long signals go
+# through it in chunks with this much left context, so activation memory stays bounded by the
+# chunk, not the file; the LSTM and the quantizer then run on the whole (small) 75 Hz sequence.
+CHUNK_CONTEXT_FRAMES = 8
+CHUNK_SECONDS = 5.0  # float64 activations cost about 60 MB per second of audio per batch row
+
+
+def _encoder_dtype(device: str, dtype: Any = None) -> "torch.dtype":
+    """float64 on CPU (codes depend on the audio alone), float32 on CUDA unless asked otherwise."""
+    import torch
+
+    if dtype is not None:
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return torch.float64 if str(device).startswith("cpu") else torch.float32
+
+
+def _encode_padded(
+    model: "EncodecModel", x: "torch.Tensor", chunk_frames: int, bf16: bool = False
+) -> "torch.Tensor":
+    """Codes ``(b, 8, T)`` of ``x`` ``(b, 1, n)``: what ``model.encode`` gives (24 kHz: no
+    normalization, one frame), with the conv stack run over chunks of ``chunk_frames`` frames.
+
+    Chunk boundaries sit on frame boundaries (multiples of 320 samples), so every strided conv
+    sees whole frames and needs no end padding inside the signal; the last chunk ends where the
+    signal ends and gets the same end padding as a whole pass. ``bf16``: the encoder runs under
+    CUDA bfloat16 autocast; the nearest-codebook search stays in float32 (bf16 distances would tie).
+    """
+    import contextlib
+
+    import torch
+
+    layers = model.encoder.model
+    split = next(i for i, m in enumerate(layers) if type(m).__name__ == "SLSTM")
+    n = x.shape[-1]
+    total = num_frames(n)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    if total <= chunk_frames + CHUNK_CONTEXT_FRAMES:
+        with autocast:
+            emb = model.encoder(x)
+    else:
+        convs, rest = layers[:split], layers[split:]
+        parts = []
+        for f0 in range(0, total, chunk_frames):
+            f1 = min(total, f0 + chunk_frames)
+            c0 = max(0, f0 - CHUNK_CONTEXT_FRAMES)
+            with autocast:
+                y = convs(x[..., c0 * HOP_LENGTH : min(n, f1 * HOP_LENGTH)])  # (b, 512, f1 - c0)
+            parts.append(y[..., f0 - c0 :])
+        with autocast:
+            emb = rest(torch.cat(parts, -1))
+    emb = emb.to(model.quantizer.vq.layers[0]._codebook.embed.dtype)  # a no-op except after autocast
+    codes = model.quantizer.encode(emb, model.frame_rate, model.bandwidth)  # (8, b, T)
+    return codes.transpose(0, 1)
+
+
 def encode_batch(
-    wavs: Sequence["torch.Tensor"], device: str = "cpu", codec_weights: str = "pretrained"
+    wavs: Sequence["torch.Tensor"],
+    device: str = "cpu",
+    codec_weights: str = "pretrained",
+    dtype: Any = None,
+    chunk_seconds: float = CHUNK_SECONDS,
 ) -> list["torch.Tensor"]:
     """Codes for several mono 24 kHz signals ``(n_i,)`` in one forward pass.
 
     Returns one int64 CPU tensor ``(1, 8, ceil(n_i / 320))`` per input. Signals are zero-padded
     at the end to a common length; the 24 kHz model is causal, so each signal's own frames are the
-    same as when it is encoded alone. The encoder runs in float64: in float32, kernels chosen per
-    batch size (or device) differ in the last bits and flip near-tied nearest-codebook choices, so
-    codes would depend on batch composition. In float64 they depend on the audio alone (the cost:
-    about 2.5x encoder time on CPU).
+    same as when it is encoded alone. ``dtype`` defaults to float64 on CPU and float32 on CUDA
+    (``"bfloat16"`` is accepted too). In float64 the codes depend on the audio alone: in float32,
+    kernels chosen per batch size (or device) differ in the last bits and flip near-tied
+    nearest-codebook choices, so codes would depend on batch composition (float64 costs about
+    2.5x encoder time on CPU; on GPU float32/bf16 buys the speed). Memory is bounded by
+    ``chunk_seconds`` of audio per row (see :func:`_encode_padded`).
     """
     import torch
 
@@ -317,13 +434,20 @@ def encode_batch(
     lengths = [int(w.shape[-1]) for w in wavs]
     if min(lengths) == 0:
         raise AudioError("cannot encode an empty signal")
-    model = load_codec(codec_weights, device, dtype=torch.float64)
-    batch = torch.zeros(len(wavs), 1, max(lengths), dtype=torch.float64)
+    dtype = _encoder_dtype(device, dtype)
+    bf16 = dtype == torch.bfloat16
+    if bf16 and not str(device).startswith("cuda"):
+        raise ValueError("dtype=bfloat16 is for CUDA; on CPU use float64 (default) or float32")
+    if bf16:
+        dtype = torch.float32  # float32 weights under bf16 autocast: see _encode_padded
+    model = load_codec(codec_weights, device, dtype=dtype)
+    batch = torch.zeros(len(wavs), 1, max(lengths), dtype=dtype)
     for i, w in enumerate(wavs):
         batch[i, 0, : lengths[i]] = w
+    chunk_frames = max(1, int(chunk_seconds * FRAME_RATE))
     with torch.inference_mode():
-        frames = model.encode(batch.to(next(model.parameters()).device))
-    codes = frames[0][0].cpu().long()  # (b, 8, T): one frame list entry, segment=None
+        codes = _encode_padded(model, batch.to(next(model.parameters()).device), chunk_frames, bf16)
+    codes = codes.cpu().long()  # (b, 8, T)
     return [codes[i : i + 1, :, : num_frames(n)].clone() for i, n in enumerate(lengths)]
 
 
@@ -404,35 +528,270 @@ def _sf_format(path: str | Path) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# folders
+# corpora: folders and segment manifests, sharded over ranks
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+MAX_WHOLE_SECONDS = 120.0  # longer files are refused without a segment manifest (memory bound)
+TEXT_SUFFIX = ".normalized.txt"
+_SAFE_NAME = re.compile(r"^[^/\\.\x00][^/\\\x00]*$")
+
+
+class WriteError(OSError):
+    """Writing an output failed (disk full, read-only, permission ...); the message is plain words."""
+
+
+@dataclass
+class Item:
+    """One utterance to encode: a whole audio file, or a segment of a recording (manifest)."""
+
+    audio: Path
+    out: Path  # <id>.qnt.pt
+    seconds: float  # for balancing shards and batches (0 when unknown)
+    start: float | None = None  # segment bounds in seconds (manifests)
+    end: float | None = None
+    text: str | None = None  # manifests: written to <id>.normalized.txt beside the codes
+    origin: str = ""  # how errors name it: the file, or "manifest line N (id)"
+
+    def name(self) -> str:
+        return self.origin or str(self.audio)
 
 
 @dataclass
 class Summary:
-    """Outcome of a folder run; ``failed`` pairs each file with the reason."""
+    """Outcome of a run (merged over ranks on rank 0); ``failed`` pairs each input with the reason.
+
+    ``stopped`` is set when a write error ended the run early (finished outputs are kept).
+    """
 
     written: int = 0
     skipped: int = 0
     seconds_of_audio: float = 0.0
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    found: int = 0
+    ranks: int = 1
+    wall_seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.stopped
+
+    def merge(self, other: "Summary") -> None:
+        self.written += other.written
+        self.skipped += other.skipped
+        self.seconds_of_audio += other.seconds_of_audio
+        self.failed += other.failed
+        self.stopped += other.stopped
+        self.wall_seconds = max(self.wall_seconds, other.wall_seconds)
 
     def report(self) -> str:
+        over = f" over {self.ranks} ranks" if self.ranks > 1 else ""
         lines = [
-            f"qnt: {self.written} written ({self.seconds_of_audio / 3600:.3f} h of audio), "
+            f"qnt: {self.written} written ({self.seconds_of_audio / 3600:.3f} h of audio){over}, "
             f"{self.skipped} already done, {len(self.failed)} failed"
         ]
         lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
+        for reason in self.stopped:
+            lines.append(f"  STOPPED EARLY: {reason}")
+        if self.stopped:
+            lines.append(
+                "  Finished files are intact and no partial file was left. Fix the problem (free space, "
+                "permissions) and rerun the same command: done files are skipped."
+            )
         return "\n".join(lines)
 
 
-def _batches(items: list[tuple[Path, float]], batch_seconds: float) -> list[list[tuple[Path, float]]]:
-    """Group (path, seconds) by length, longest first; a batch's padded size stays within budget."""
+def _plain_os_error(e: OSError, path: Path) -> str:
+    """``no space left on device while writing X`` rather than a traceback."""
+    import errno as errno_mod
+
+    words = os.strerror(e.errno).lower() if e.errno else str(e)
+    if e.errno in (errno_mod.ENOSPC, errno_mod.EDQUOT):
+        words = "no space left on device" + (" (disk quota)" if e.errno == errno_mod.EDQUOT else "")
+    return f"{words} while writing {path}"
+
+
+def save_codes(codes: "torch.Tensor", path: str | Path) -> None:
+    """Write codes ``(1, 8, T)`` as int16 (0..1023 fits; a quarter of int64's size), atomically.
+
+    Serialized in memory first: ``torch.save`` to a path embeds the (temporary) file name in the
+    archive, so equal codes would give different bytes, and a full disk surfaces as torch's
+    "unexpected pos" instead of ENOSPC. Raises :class:`WriteError` in plain words.
+    """
+    import io
+
+    import torch
+
+    codes = torch.as_tensor(codes)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= CODEBOOK_SIZE):
+        raise ValueError(f"codes out of range [0, {CODEBOOK_SIZE}) for {path}")
+    buf = io.BytesIO()
+    torch.save(codes.to(torch.int16).contiguous(), buf)
+    try:
+        atomic_write_bytes(buf.getvalue(), path)
+    except OSError as e:
+        raise WriteError(e.errno, _plain_os_error(e, Path(path))) from e
+
+
+def _write_text(text: str, path: Path) -> None:
+    try:
+        atomic_write_bytes(text.encode("utf-8"), path)
+    except OSError as e:
+        raise WriteError(e.errno, _plain_os_error(e, path)) from e
+
+
+def find_audio(folder: str | Path, suffixes: Sequence[str] = AUDIO_SUFFIXES) -> list[Path]:
+    """Audio files under ``folder`` (recursive), suffixes matched ignoring case (``.WAV`` too); sorted."""
+    return find_files_nocase(folder, tuple(suffixes))
+
+
+def plan_folder(
+    folder: str | Path, suffixes: Sequence[str] = AUDIO_SUFFIXES, max_seconds: float = MAX_WHOLE_SECONDS
+) -> tuple[list[Item], list[tuple[str, str]], int]:
+    """Every audio file under ``folder`` as an :class:`Item`; returns ``(items, failed, found)``.
+
+    Inputs that map to one utterance id in one folder (``spk.take.1.wav`` and ``spk.take.2.wav``
+    are both ``spk``; ``x.wav`` and ``x.flac``) are all failed with a message naming every one:
+    nothing is written for that id. Unreadable files get ``seconds = 0`` and fail when loaded, on
+    the rank that owns them. Files over ``max_seconds`` fail with what to do instead.
+    """
+    import soundfile as sf
+
+    files = find_audio(folder, suffixes)
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for path in files:
+        groups.setdefault((path.parent, utterance_id(path)), []).append(path)
+    items: list[Item] = []
+    failed: list[tuple[str, str]] = []
+    for (parent, uid), paths in groups.items():
+        if len(paths) > 1:
+            names = " and ".join(p.name for p in paths)
+            for path in paths:
+                failed.append((str(path), (
+                    f"id collision: {names} (in {parent}) all map to the id {uid!r} (the name before the "
+                    f"first dot) and would write one {uid}{QNT_SUFFIX}; rename them so each id is unique"
+                )))
+            continue
+        path = paths[0]
+        seconds = 0.0
+        try:
+            info = sf.info(str(path))
+            seconds = info.frames / info.samplerate
+        except Exception:
+            pass  # reported when loaded: the owning rank names the file and the reason
+        if seconds > max_seconds:
+            failed.append((str(path), (
+                f"{seconds:.0f} s of audio is over the {max_seconds:.0f} s limit for loading a whole file "
+                "(--max-seconds): cut it into utterances, or use a segment manifest "
+                "(python -m vall_e.emb.qnt segments.jsonl out/)"
+            )))
+            continue
+        items.append(Item(path, sibling(path, QNT_SUFFIX), seconds))
+    return sorted(items, key=lambda it: str(it.out)), failed, len(files)
+
+
+def read_manifest(
+    manifest: str | Path, out_folder: str | Path, max_seconds: float = MAX_WHOLE_SECONDS
+) -> tuple[list[Item], list[tuple[str, str]], int]:
+    """Items of a segment manifest (JSON lines, see DESIGN.md); returns ``(items, failed, lines)``.
+
+    Each line: ``{"id", "audio", "start", "end", "text", "speaker"}``; relative ``audio`` paths
+    are taken from the manifest's folder. Outputs: ``<out>/<speaker>/<id>.qnt.pt`` and
+    ``<id>.normalized.txt``. Bad lines are failed with their line number; two lines with one
+    ``<speaker>/<id>`` are both failed, naming both.
+    """
+    import gzip
+    import json
+
+    manifest = Path(manifest)
+    out_folder = Path(out_folder)
+    opener = gzip.open if manifest.name.endswith(".gz") else open
+    items: list[Item] = []
+    failed: list[tuple[str, str]] = []
+    first_line: dict[Path, tuple[int, int | None]] = {}  # out -> (line, index in items or None)
+    n = 0
+    with opener(manifest, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{manifest}:{n}"
+            try:
+                row = json.loads(line)
+                uid, spk, audio = str(row["id"]), str(row["speaker"]), str(row["audio"])
+                start, end, text = float(row["start"]), float(row["end"]), str(row["text"])
+            except (ValueError, KeyError, TypeError) as e:
+                failed.append((where, f"not a segment line ({type(e).__name__}: {e}); expected JSON with "
+                               "id, audio, start, end, text, speaker"))
+                continue
+            for what, value in (("id", uid), ("speaker", spk)):
+                if not _SAFE_NAME.match(value) or (what == "id" and "." in value) or value in (".", ".."):
+                    failed.append((where, f"{what} {value!r} cannot be a file name (no '/', '\\', leading "
+                                   "dot" + (", or any dot: the id is the name before the first dot" if what == "id" else "") + ")"))
+                    break
+            else:
+                if not (0 <= start < end):
+                    failed.append((where, f"start={start} end={end}: need 0 <= start < end (seconds)"))
+                    continue
+                if end - start > max_seconds:
+                    failed.append((where, f"segment of {end - start:.0f} s is over the {max_seconds:.0f} s limit "
+                                   "(--max-seconds); cut it into shorter segments"))
+                    continue
+                out = out_folder / spk / f"{uid}{QNT_SUFFIX}"
+                if out in first_line:
+                    other, index = first_line[out]
+                    reason = (f"id collision: lines {other} and {n} of {manifest} both write {out}; "
+                              "give each segment a unique id per speaker")
+                    failed.append((where, reason))
+                    if index is not None:  # the first line fails too: which one is right is unknown
+                        failed.append((f"{manifest}:{other}", reason))
+                        items[index] = None  # type: ignore[call-overload]
+                        first_line[out] = (other, None)
+                    continue
+                path = Path(audio).expanduser()
+                if not path.is_absolute():
+                    path = manifest.parent / path
+                first_line[out] = (n, len(items))
+                items.append(Item(path, out, end - start, start, end, text, f"{where} ({uid})"))
+    return [it for it in items if it is not None], failed, n
+
+
+class _AudioSet:
+    """Map-style dataset for a DataLoader: item i -> ``(i, mono 24 kHz float32 (n,) or None, error or None)``.
+
+    Decoding and resampling run in DataLoader workers, so the encoder is not kept waiting on audio.
+    """
+
+    def __init__(self, items: list[Item]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[int, Any, str | None]:
+        item = self.items[i]
+        try:
+            wav, sr = load_audio(item.audio, item.start, item.end)
+            return i, to_codec_input(wav, sr), None
+        except AudioError as e:
+            return i, None, str(e).removeprefix(f"{item.audio}: ")
+        except Exception as e:  # e.g. a resampler error: report, never kill the run
+            return i, None, f"cannot load audio ({type(e).__name__}: {e})"
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # workers decode and resample; the encoder owns the cores
+
+
+def _identity(batch: list[Any]) -> list[Any]:
+    return batch
+
+
+def _batches(items: list[tuple[Any, float]], batch_seconds: float) -> list[list[tuple[Any, float]]]:
+    """Group (key, seconds) by length, longest first; a batch's padded size stays within budget."""
     items = sorted(items, key=lambda x: -x[1])
-    out: list[list[tuple[Path, float]]] = []
+    out: list[list[tuple[Any, float]]] = []
     for item in items:
         # the first (longest) file of a batch sets its padded length
         if out and (len(out[-1]) + 1) * out[-1][0][1] <= batch_seconds:
@@ -442,86 +801,171 @@ def _batches(items: list[tuple[Path, float]], batch_seconds: float) -> list[list
     return out
 
 
-def quantize_folder(
-    folder: str | Path,
-    suffix: str = ".wav",
+def shard(items: list[Item], rank: int, world_size: int) -> list[Item]:
+    """This rank's items: a deterministic split balanced by audio seconds (see
+    :func:`~vall_e.utils.helpers.balanced_shards`). It is computed from the inputs alone, never
+    from which outputs exist, so ranks that start at different times still agree."""
+    if world_size == 1:
+        return list(items)
+    return [items[i] for i in balanced_shards([it.seconds for it in items], world_size)[rank]]
+
+
+def encode_items(
+    items: list[Item],
+    device: str = "cpu",
+    codec_weights: str = "pretrained",
+    batch_seconds: float | None = None,
+    dtype: Any = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Summary:
+    """Encode ``items`` (skipping those whose outputs exist) and write their files; one rank's work.
+
+    Unreadable audio is failed and the rest go on. A write error (disk full, read-only folder,
+    permission) stops the run with :attr:`Summary.stopped` set; finished outputs stay intact.
+    ``batch_seconds`` caps padded audio per forward pass (default: 0 = one file per pass on CPU,
+    where batching measured no faster; 120 s on CUDA). ``workers``: DataLoader worker processes
+    that read and resample audio (default 0 on CPU, where the encoder uses the cores, 4 on CUDA).
+    """
+    import torch
+    from tqdm import tqdm
+
+    cuda = str(device).startswith("cuda")
+    if batch_seconds is None:
+        batch_seconds = 120.0 if cuda else 0.0
+    if workers is None:
+        workers = 4 if cuda else 0
+    summary = Summary()
+    todo: list[Item] = []
+    for item in items:
+        if item.out.exists() and (item.text is None or item.out.with_name(
+                utterance_id(item.out) + TEXT_SUFFIX).exists()):
+            summary.skipped += 1
+        else:
+            todo.append(item)
+    if not todo:
+        return summary
+    load_codec(codec_weights, device)  # fail early (e.g. offline pretrained), before the bar
+    batches = [[i for i, _ in b] for b in _batches([(i, it.seconds) for i, it in enumerate(todo)], batch_seconds)]
+    loader = torch.utils.data.DataLoader(
+        _AudioSet(todo), batch_sampler=batches, collate_fn=_identity, num_workers=workers,
+        worker_init_fn=_worker_init if workers else None,
+        # spawned, not forked: this process may run gloo threads, and a fork of those can hang
+        multiprocessing_context="spawn" if workers else None,
+        pin_memory=False,
+    )
+    bar = tqdm(total=len(todo), desc="qnt", unit="file", disable=not progress, dynamic_ncols=True)
+    try:
+        for batch in loader:
+            ok = []
+            for i, wav, error in batch:
+                if error is not None:
+                    summary.failed.append((todo[i].name(), error))
+                else:
+                    ok.append((i, wav))
+            try:
+                codes: list[Any] = encode_batch([w for _, w in ok], device, codec_weights, dtype)
+            except RuntimeError:  # e.g. out of memory for the batch: fall back to one file at a time
+                codes = []
+                for i, wav in ok:
+                    try:
+                        codes.append(encode_batch([wav], device, codec_weights, dtype)[0])
+                    except RuntimeError as e:
+                        codes.append(None)
+                        summary.failed.append((todo[i].name(), f"encoding failed: {str(e).splitlines()[0]}"))
+            for (i, wav), c in zip(ok, codes):
+                if c is None:
+                    continue
+                item = todo[i]
+                if item.text is not None:  # text first: the codes file marks the utterance done
+                    _write_text(item.text.strip() + "\n", item.out.with_name(utterance_id(item.out) + TEXT_SUFFIX))
+                save_codes(c, item.out)
+                summary.written += 1
+                summary.seconds_of_audio += len(wav) / SAMPLE_RATE
+            bar.update(len(batch))
+            bar.set_postfix(audio_h=f"{summary.seconds_of_audio / 3600:.3f}")
+    except WriteError as e:
+        summary.stopped.append(e.strerror or str(e))
+    finally:
+        bar.close()
+    return summary
+
+
+def quantize(
+    source: str | Path,
+    out_folder: str | Path | None = None,
+    suffix: str | Sequence[str] | None = None,
     device: str = "cpu",
     codec_weights: str = "pretrained",
     batch_seconds: float | None = None,
     progress: bool = True,
+    max_seconds: float = MAX_WHOLE_SECONDS,
+    dtype: Any = None,
+    workers: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> Summary:
-    """Write ``<id>.qnt.pt`` (int64 ``(1, 8, T)``) beside every ``*<suffix>`` audio file under ``folder``.
+    """Encode a corpus folder (codes beside each audio file) or a segment manifest (into ``out_folder``).
 
-    Files already done are skipped; unreadable or empty files are recorded in the summary and
-    skipped while the rest go on; outputs are written atomically. ``batch_seconds`` caps the padded
-    audio per forward pass; None picks 0 (one file per pass: batching measured no faster on CPU)
-    for CPU and 120 s for CUDA.
+    ``rank``/``world_size`` default to the launcher's environment (RANK, WORLD_SIZE): each rank
+    encodes its own duration-balanced shard. The returned summary is this rank's; :func:`main`
+    merges them on rank 0. Input-level problems (collisions, bad manifest lines, over-long
+    files) are reported by rank 0 only, so each appears once.
     """
-    import soundfile as sf
-    from tqdm import tqdm
-
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"{folder} does not exist (give the corpus folder or one audio file)")
-    if batch_seconds is None:
-        batch_seconds = 0.0 if str(device).startswith("cpu") else 120.0
-    summary = Summary()
-    todo: list[tuple[Path, float]] = []
-    for path in find_files(folder, suffix):
-        if sibling(path, QNT_SUFFIX).exists():
-            summary.skipped += 1
-            continue
-        if path.stat().st_size == 0:
-            summary.failed.append((path, "empty file (0 bytes)"))
-            continue
-        try:
-            info = sf.info(str(path))
-        except Exception as e:
-            summary.failed.append((path, f"cannot read audio ({str(e).strip() or type(e).__name__})"))
-            continue
-        if info.frames <= 0:
-            summary.failed.append((path, "no audio (0 samples)"))
-            continue
-        todo.append((path, info.frames / info.samplerate))
-
-    if todo:
-        load_codec(codec_weights, device)  # fail early (e.g. offline pretrained), before the bar
-    bar = tqdm(total=len(todo), desc="qnt", unit="file", disable=not progress, dynamic_ncols=True)
-    for batch in _batches(todo, batch_seconds):
-        wavs, paths = [], []
-        for path, _ in batch:
-            try:
-                wav, sr = load_audio(path)
-            except AudioError as e:
-                summary.failed.append((path, str(e).removeprefix(f"{path}: ")))
-                bar.update(1)
-                continue
-            wavs.append(to_codec_input(wav, sr))
-            paths.append(path)
-        try:
-            codes: list[Any] = encode_batch(wavs, device, codec_weights)
-        except RuntimeError:  # e.g. out of memory for the batch: fall back to one file at a time
-            codes = []
-            for path, wav in zip(paths, wavs):
-                try:
-                    codes.append(encode_batch([wav], device, codec_weights)[0])
-                except RuntimeError as e:
-                    codes.append(None)
-                    summary.failed.append((path, f"encoding failed: {str(e).splitlines()[0]}"))
-        for path, wav, c in zip(paths, wavs, codes):
-            if c is None:
-                continue
-            atomic_torch_save(c, sibling(path, QNT_SUFFIX))
-            summary.written += 1
-            summary.seconds_of_audio += len(wav) / SAMPLE_RATE
-        bar.update(len(paths))
-        bar.set_postfix(audio_h=f"{summary.seconds_of_audio / 3600:.3f}")
-    bar.close()
+    start = time.time()
+    env_rank, env_world, _ = dist_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist (give a corpus folder, one audio file, or a manifest)")
+    if is_manifest(source):
+        if out_folder is None:
+            raise ValueError(f"{source} is a segment manifest: give the output folder too")
+        items, failed, found = read_manifest(source, out_folder, max_seconds)
+    else:
+        suffixes = AUDIO_SUFFIXES if suffix is None else ((suffix,) if isinstance(suffix, str) else tuple(suffix))
+        items, failed, found = plan_folder(source, suffixes, max_seconds)
+    summary = encode_items(shard(items, rank, world_size), device, codec_weights, batch_seconds, dtype,
+                           workers, progress=progress and rank == 0)
+    if rank == 0:
+        summary.failed = failed + summary.failed
+    summary.found = found
+    summary.wall_seconds = time.time() - start
     return summary
 
 
+def quantize_folder(
+    folder: str | Path,
+    suffix: str | Sequence[str] | None = None,
+    device: str = "cpu",
+    codec_weights: str = "pretrained",
+    batch_seconds: float | None = None,
+    progress: bool = True,
+    **kwargs: Any,
+) -> Summary:
+    """Write ``<id>.qnt.pt`` (int16 ``(1, 8, T)``) beside every audio file under ``folder``.
+
+    ``suffix`` defaults to ``.wav`` and ``.flac``, any case. Files already done are skipped;
+    unreadable or empty files are recorded in the summary and skipped while the rest go on;
+    outputs are written atomically. See :func:`quantize` for the other options.
+    """
+    return quantize(folder, None, suffix, device, codec_weights, batch_seconds, progress, **kwargs)
+
+
+def is_manifest(path: str | Path) -> bool:
+    """A segment manifest is a file named ``*.jsonl`` or ``*.jsonl.gz``."""
+    path = Path(path)
+    return path.is_file() and path.name.lower().endswith((".jsonl", ".jsonl.gz"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (1 when any file failed, 2 on a setup error)."""
+    """CLI entry point; returns the exit status (1 when any input failed or writing stopped, 2 on a
+    setup error). Under torchrun every rank runs this; rank 0 prints the merged summary."""
+    import json
+
+    import torch
+
     from ..config import Config
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -531,29 +975,89 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = Config.from_cli(words)
     parser = argparse.ArgumentParser(
         prog="python -m vall_e.emb.qnt",
-        description="Write <id>.qnt.pt (EnCodec 24 kHz codes, int64 (1, 8, T)) beside every audio file.",
+        description="Write <id>.qnt.pt (EnCodec 24 kHz codes, int16 (1, 8, T)) beside every audio file, "
+        "or for every line of a segment manifest. Under torchrun each rank encodes its own shard.",
         epilog="Config overrides such as codec_weights=untrained device=cpu are accepted; "
-        "help=true lists them.",
+        "help=true lists them. Example: torchrun --nproc_per_node 8 -m vall_e.emb.qnt data/LibriTTS device=cuda",
     )
-    parser.add_argument("folder", type=Path, help="corpus folder (searched recursively)")
-    parser.add_argument("--suffix", default=".wav", help="audio suffix, e.g. .wav or .flac (default .wav)")
+    parser.add_argument("source", type=Path, help="corpus folder (searched recursively), or segments.jsonl[.gz]")
+    parser.add_argument("out", type=Path, nargs="?", help="output folder (segment manifests only)")
+    parser.add_argument("--suffix", action="append", default=None,
+                        help="audio suffix, any case; repeatable (default: .wav and .flac)")
     parser.add_argument(
         "--batch-seconds", type=float, default=None,
         help="padded audio seconds per forward pass (default: one file per pass on CPU, 120 on CUDA)",
     )
+    parser.add_argument("--max-seconds", type=float, default=MAX_WHOLE_SECONDS,
+                        help=f"longest file or segment loaded whole (default {MAX_WHOLE_SECONDS:.0f}); "
+                        "longer recordings need a segment manifest")
+    parser.add_argument("--dtype", choices=["float64", "float32", "bfloat16"], default=None,
+                        help="encoder precision (default: float64 on CPU, float32 on CUDA)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="audio loading worker processes (default 0 on CPU, 4 on CUDA)")
+    parser.add_argument("--summary-json", type=Path, default=None, help="also write the merged summary as JSON")
     args = parser.parse_args(rest)
     setup_logging()
-    if not args.folder.exists():
-        print(f"error: {args.folder} does not exist", file=sys.stderr)
+    if not args.source.exists():
+        print(f"error: {args.source} does not exist", file=sys.stderr)
         return 2
-    start = time.time()
+    manifest = is_manifest(args.source)
+    if manifest and args.out is None:
+        print(f"error: {args.source} is a segment manifest; give the output folder too: "
+              f"python -m vall_e.emb.qnt {args.source} data/out", file=sys.stderr)
+        return 2
+    if not manifest and args.out is not None:
+        print(f"error: an output folder is only for segment manifests (*.jsonl); codes of a folder "
+              f"are written beside its audio files. Got {args.source} {args.out}", file=sys.stderr)
+        return 2
     try:
-        summary = quantize_folder(args.folder, args.suffix, cfg.device, cfg.codec_weights, args.batch_seconds)
-    except CodecUnavailableError as e:
+        rank, world, local_rank = dist_env()
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(summary.report() + f"\n({time.time() - start:.1f} s)")
-    return 0 if summary.ok else 1
+    device = cfg.device
+    if device == "cuda" and world > 1:  # one GPU per rank, on every node
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(local_rank)
+    merged = init_gloo_for_summary(world)
+    try:
+        summary = quantize(args.source, args.out, args.suffix, device, cfg.codec_weights, args.batch_seconds,
+                           max_seconds=args.max_seconds, dtype=args.dtype, workers=args.workers)
+        setup_error = None
+    except (CodecUnavailableError, ValueError, OSError) as e:
+        summary, setup_error = Summary(), f"rank {rank}: {e}" if world > 1 else str(e)
+    gathered = gather_to_rank0((summary, setup_error), world if merged else 1)
+    if merged:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if gathered is None:  # other ranks: rank 0 reports for everyone
+        return 0 if summary.ok and setup_error is None else 1
+    errors = [err for _, err in gathered if err]
+    total = Summary(ranks=len(gathered), found=gathered[0][0].found)
+    for s, _ in gathered:
+        total.merge(s)
+    if errors:
+        for err in dict.fromkeys(errors):
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    if total.found == 0:
+        what = "lines in the manifest" if manifest else (
+            f"audio files ({', '.join('*' + x for x in (args.suffix or AUDIO_SUFFIXES))}, any case)")
+        print(f"error: no {what} under {args.source}. Check the path"
+              + ("" if manifest else ", or pass --suffix for another format (e.g. --suffix .ogg)"), file=sys.stderr)
+        return 2
+    if world > 1 and not merged:
+        print(f"(rank {rank} of {world}: this shard only; start ranks with torchrun to get one merged summary)")
+    print(total.report() + f"\n({total.wall_seconds:.1f} s)")
+    if args.summary_json is not None:
+        atomic_write_bytes(json.dumps({
+            "written": total.written, "skipped": total.skipped, "failed": total.failed,
+            "stopped": total.stopped, "found": total.found, "ranks": total.ranks,
+            "seconds_of_audio": total.seconds_of_audio, "wall_seconds": total.wall_seconds,
+            "per_rank_written": [s.written for s, _ in gathered],
+        }, indent=1).encode(), args.summary_json)
+    return 0 if total.ok else 1
 
 
 if __name__ == "__main__":

@@ -102,3 +102,102 @@ def sibling(path: str | Path, suffix: str) -> Path:
     """``a/b/x.wav`` + ``.qnt.pt`` -> ``a/b/x.qnt.pt`` (files of one utterance share the id)."""
     path = Path(path)
     return path.with_name(utterance_id(path) + suffix)
+
+
+# --------------------------------------------------------------------------------------------
+# batch tools (tokenizers): byte writes, case-insensitive search, shards over ranks
+
+
+def atomic_write_bytes(data: bytes, path: str | Path) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    Unlike writers that stream into a file object (``torch.save`` reports a full disk as
+    "unexpected pos"), a plain ``write`` raises ``OSError`` with the real errno (ENOSPC, EROFS,
+    EACCES), so callers can say what went wrong. No truncated file is ever left at ``path``.
+    """
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def find_files_nocase(root: str | Path, suffixes: tuple[str, ...] | list[str]) -> list[Path]:
+    """Files under ``root`` whose names end with one of ``suffixes``, ignoring case; sorted.
+
+    ``x.WAV`` matches ``.wav``. Hidden files (atomic-write temporaries) are skipped. ``os.walk``
+    rather than ``rglob``: one pass over a tree of hundreds of thousands of files.
+    """
+    root = Path(root)
+    ends = tuple(s.lower() for s in suffixes)
+    if root.is_file():
+        return [root] if root.name.lower().endswith(ends) else []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath) / n for n in filenames if n.lower().endswith(ends) and not n.startswith(".")]
+    return sorted(found)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the launcher's environment (torchrun, deepspeed,
+    or set by hand); ``(0, 1, 0)`` when unset. torch.distributed need not be initialized."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent; expected 0 <= RANK < WORLD_SIZE")
+    return rank, world, local
+
+
+def balanced_shards(weights: list[float], n_shards: int) -> list[list[int]]:
+    """Split item indices into ``n_shards`` lists of nearly equal total weight, deterministically.
+
+    Greedy longest-processing-time: items by weight descending (ties by index) each go to the
+    lightest shard so far (ties to the lowest shard). Every index lands in exactly one shard; each
+    shard is returned in ascending index order. The result depends only on ``weights``, so every
+    rank computes the same split without talking to the others.
+    """
+    import heapq
+
+    heap = [(0.0, s) for s in range(n_shards)]
+    shards: list[list[int]] = [[] for _ in range(n_shards)]
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        load, s = heapq.heappop(heap)
+        shards[s].append(i)
+        heapq.heappush(heap, (load + max(0.0, float(weights[i])), s))
+    return [sorted(s) for s in shards]
+
+
+def gather_to_rank0(obj: Any, world_size: int) -> list[Any] | None:
+    """Every rank's ``obj`` (a picklable value) as a list on rank 0, None on other ranks.
+
+    Uses the initialized torch.distributed group. Without one (``world_size`` 1, or ranks started
+    by hand without a launcher's rendezvous) it returns ``[obj]``: that rank reports its shard only.
+    """
+    import torch.distributed as dist
+
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def init_gloo_for_summary(world_size: int, days: float = 7.0) -> bool:
+    """Join a CPU (gloo) group when a launcher started ``world_size`` > 1 ranks; True when joined.
+
+    Used only to merge per-rank summaries at the end, so its collective timeout is long: ranks
+    may finish their shards hours apart. Needs the launcher's MASTER_ADDR/MASTER_PORT; without
+    them (ranks started by hand) it returns False and each rank reports its own shard.
+    """
+    import datetime
+
+    import torch.distributed as dist
+
+    if world_size == 1 or not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return True
+    if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
+        return False
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=days))
+    return True
