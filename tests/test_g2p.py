@@ -145,3 +145,76 @@ def test_cli_suffix_option(tmp_path: Path) -> None:
     expected = "HH AH0 L OW1 _ W ER1 L D\n"
     assert (tmp_path / "a.phn.txt").read_text() == (tmp_path / "b.phn.txt").read_text() == expected
     assert g2p.phonemize_folder(tmp_path, suffix=".txt", progress=False).skipped == 2
+
+
+def _copy_transcripts(src: Path, dst: Path) -> list[Path]:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.wav", "*.phn.txt", "*.qnt.pt"))
+    return find_files(dst, ".normalized.txt")
+
+
+def test_shards_workers_and_torchrun_write_the_same_files(espeak_corpus: Path, tmp_path: Path) -> None:
+    """Two shards (library), two local workers, and 2 torchrun ranks all equal the plain run."""
+    texts = _copy_transcripts(espeak_corpus, tmp_path / "plain")
+    assert g2p.phonemize_folder(tmp_path / "plain", progress=False).written == len(texts) == 8
+    expected = {p.relative_to(tmp_path / "plain"): p.read_bytes() for p in (tmp_path / "plain").rglob("*.phn.txt")}
+
+    def outputs(root: Path) -> dict[Path, bytes]:
+        return {p.relative_to(root): p.read_bytes() for p in root.rglob("*.phn.txt")}
+
+    _copy_transcripts(espeak_corpus, tmp_path / "shards")
+    parts = [g2p.phonemize_folder(tmp_path / "shards", progress=False, rank=r, world_size=2) for r in (0, 1)]
+    assert [s.written for s in parts] == [4, 4] and [s.skipped for s in parts] == [0, 0]
+    assert outputs(tmp_path / "shards") == expected
+
+    _copy_transcripts(espeak_corpus, tmp_path / "workers")
+    summary = g2p.phonemize_folder(tmp_path / "workers", progress=False, workers=2)
+    assert summary.ok and summary.written == 8 and outputs(tmp_path / "workers") == expected
+
+    _copy_transcripts(espeak_corpus, tmp_path / "ranks")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "vall_e.emb.g2p", str(tmp_path / "ranks")],
+        cwd=REPO, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("g2p: 8 written over 2 ranks, 0 already done, 0 failed") == 1, proc.stdout
+    assert outputs(tmp_path / "ranks") == expected
+
+
+def test_empty_folder_collisions_and_upper_case(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "vall_e.emb.g2p", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no transcripts" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "a.take1.normalized.txt").write_text("hello\n")
+    (tmp_path / "a.take2.normalized.txt").write_text("world\n")
+    (tmp_path / "B.NORMALIZED.TXT").write_text("hello world\n")
+    summary = g2p.phonemize_folder(tmp_path, progress=False)
+    assert summary.written == 1 and (tmp_path / "B.phn.txt").exists() and not (tmp_path / "a.phn.txt").exists()
+    assert len(summary.failed) == 2
+    assert all("a.take1.normalized.txt and a.take2.normalized.txt" in reason for _, reason in summary.failed)
+
+
+def test_full_disk_stops_cleanly(tmp_path: Path) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        for i in range(5):
+            (mnt / f"u{i}.normalized.txt").write_text("hello world\n")  # 5 of the 6 pages
+        proc = subprocess.run([sys.executable, "-m", "vall_e.emb.g2p", str(mnt)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1 and "no space left on device while writing" in proc.stdout, proc.stdout
+        assert "Traceback" not in proc.stderr and "g2p: " in proc.stdout
+        assert not [p for p in mnt.iterdir() if p.name.startswith(".")]
+        done = list(mnt.glob("*.phn.txt"))
+        assert len(done) < 5 and all(p.read_text() == "HH AH0 L OW1 _ W ER1 L D\n" for p in done)
+        subprocess.run(["mount", "-o", "remount,size=1m", str(mnt)], check=True)
+        proc = subprocess.run([sys.executable, "-m", "vall_e.emb.g2p", str(mnt)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and f"{5 - len(done)} written" in proc.stdout, proc.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

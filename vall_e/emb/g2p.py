@@ -1,8 +1,10 @@
 """Text -> phones with g2p_en (ARPAbet with stress); spaces and punctuation become ``_``.
 
 Library: :func:`encode` (one text) and :func:`phonemize_folder` (a corpus).
-CLI: ``python -m vall_e.emb.g2p <folder> [--suffix .normalized.txt] [key=value ...] [help=true]``
-writes ``<id>.phn.txt`` (phones joined by single spaces) beside every transcript.
+CLI: ``python -m vall_e.emb.g2p <folder> [--suffix .normalized.txt] [--workers N] [key=value ...]``
+writes ``<id>.phn.txt`` (phones joined by single spaces) beside every transcript. ``--workers N``
+uses N local processes; under torchrun (RANK/WORLD_SIZE) each rank does a shard balanced by
+transcript size, and rank 0 prints the merged summary.
 
 Offline operation. g2p_en wants two NLTK resources that it normally downloads on import:
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import inspect
 import io
 import logging
@@ -36,7 +39,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..utils.helpers import atomic_write_text, find_files, setup_logging, sibling
+from ..utils.helpers import (
+    atomic_write_text,
+    balanced_shards,
+    dist_env,
+    find_files_nocase,
+    gather_to_rank0,
+    init_gloo_for_summary,
+    setup_logging,
+    sibling,
+    utterance_id,
+)
 
 logger = logging.getLogger("vall_e.emb.g2p")  # not __name__: stable under python -m
 _CONFIG_WORD = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -238,38 +251,107 @@ def encode(text: str) -> list[str]:
 
 @dataclass
 class Summary:
-    """Outcome of a folder run; ``failed`` pairs each file with the reason."""
+    """Outcome of a folder run (merged over ranks by :func:`main`); ``failed`` pairs each file with
+    the reason; ``stopped`` is set when a write error ended the run early (finished files are kept)."""
 
     written: int = 0
     skipped: int = 0
     failed: list[tuple[Path, str]] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    found: int = 0
+    ranks: int = 1
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and not self.stopped
+
+    def merge(self, other: "Summary") -> None:
+        self.written += other.written
+        self.skipped += other.skipped
+        self.failed += other.failed
+        self.stopped += other.stopped
 
     def report(self) -> str:
-        lines = [f"g2p: {self.written} written, {self.skipped} already done, {len(self.failed)} failed"]
+        over = f" over {self.ranks} ranks" if self.ranks > 1 else ""
+        lines = [f"g2p: {self.written} written{over}, {self.skipped} already done, {len(self.failed)} failed"]
         lines += [f"  FAILED {path}: {reason}" for path, reason in self.failed]
+        lines += [f"  STOPPED EARLY: {reason}" for reason in self.stopped]
+        if self.stopped:
+            lines.append("  Finished files are intact and no partial file was left. Fix the problem (free space, "
+                         "permissions) and rerun the same command: done files are skipped.")
         return "\n".join(lines)
 
 
-def phonemize_folder(folder: str | Path, suffix: str = TEXT_SUFFIX, progress: bool = True) -> Summary:
+def _phonemize_one(job: tuple[str, str]) -> tuple[str, list[str] | None, str | None]:
+    """Worker task: ``(path, text)`` -> ``(path, phones or None, error or None)``."""
+    path, text = job
+    try:
+        return path, encode(text), None
+    except Exception as e:  # one odd transcript must not end a 375k-file run
+        return path, None, f"g2p failed ({type(e).__name__}: {e})"
+
+
+def _worker_start() -> None:
+    import logging as _logging
+
+    _logging.getLogger("vall_e.emb.g2p").setLevel(_logging.ERROR)  # the tagger warning: once, by the parent
+    _load()
+
+
+def plan_folder(folder: str | Path, suffix: str = TEXT_SUFFIX) -> tuple[list[Path], list[tuple[Path, str]], int]:
+    """Transcripts under ``folder`` (suffix matched ignoring case; ``.phn.txt`` outputs excluded).
+
+    Returns ``(paths, failed, found)``: transcripts whose ids collide in one folder fail, naming
+    each other, so no ``.phn.txt`` is written for an ambiguous id.
+    """
+    files = [p for p in find_files_nocase(folder, (suffix,)) if not p.name.lower().endswith(PHN_SUFFIX)]
+    groups: dict[tuple[Path, str], list[Path]] = {}
+    for path in files:
+        groups.setdefault((path.parent, utterance_id(path)), []).append(path)
+    paths, failed = [], []
+    for (parent, uid), group in groups.items():
+        if len(group) == 1:
+            paths.append(group[0])
+            continue
+        names = " and ".join(p.name for p in group)
+        for path in group:
+            failed.append((path, f"id collision: {names} (in {parent}) all map to the id {uid!r}; rename them"))
+    return sorted(paths), failed, len(files)
+
+
+def phonemize_folder(
+    folder: str | Path,
+    suffix: str = TEXT_SUFFIX,
+    progress: bool = True,
+    workers: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> Summary:
     """Write ``<id>.phn.txt`` beside every ``*<suffix>`` transcript under ``folder``.
 
     Files already done are skipped; empty or unreadable transcripts are recorded in the summary
-    and skipped while the rest go on. Each output is written atomically.
+    and skipped while the rest go on. Each output is written atomically; a write error (disk
+    full, read-only, permission) stops the run with :attr:`Summary.stopped` set.
+    ``workers`` > 0 runs g2p in that many local processes (g2p_en is one Python thread each).
+    ``rank``/``world_size`` (default: RANK/WORLD_SIZE from the environment) pick this rank's
+    shard, balanced by transcript size and computed from the inputs alone.
     """
     from tqdm import tqdm
 
     folder = Path(folder)
     if not folder.exists():
         raise FileNotFoundError(f"{folder} does not exist (give the corpus folder or one transcript)")
-    files = [p for p in find_files(folder, suffix) if not p.name.endswith(PHN_SUFFIX)]
-    summary = Summary()
-    for path in tqdm(files, desc="g2p", unit="file", disable=not progress, dynamic_ncols=True):
-        out = sibling(path, PHN_SUFFIX)
-        if out.exists():
+    env_rank, env_world, _ = dist_env()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    files, failed, found = plan_folder(folder, suffix)
+    summary = Summary(found=found, failed=failed if rank == 0 else [])
+    if world_size > 1:
+        sizes = [float(p.stat().st_size) for p in files]
+        files = [files[i] for i in balanced_shards(sizes, world_size)[rank]]
+    jobs: list[tuple[str, str]] = []
+    for path in files:
+        if sibling(path, PHN_SUFFIX).exists():
             summary.skipped += 1
             continue
         try:
@@ -280,17 +362,50 @@ def phonemize_folder(folder: str | Path, suffix: str = TEXT_SUFFIX, progress: bo
         if not text.strip():
             summary.failed.append((path, "empty transcript"))
             continue
-        phones = encode(text)
-        if not phones:
-            summary.failed.append((path, f"no phones in transcript {text.strip()[:60]!r}"))
-            continue
-        atomic_write_text(" ".join(phones) + "\n", out)
-        summary.written += 1
+        jobs.append((str(path), text))
+    if not jobs:
+        return summary
+    pool = None
+    if workers > 0:
+        import multiprocessing
+
+        _load()  # the parent settles NLTK resources (and warns) once; workers find them in place
+        # spawned, not forked: the parent may run gloo threads (torchrun), and forking those can hang
+        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_start)
+        results = pool.imap(_phonemize_one, jobs, chunksize=64)
+    else:
+        results = map(_phonemize_one, jobs)
+    bar = tqdm(total=len(jobs), desc="g2p", unit="file", disable=not progress or rank != 0, dynamic_ncols=True)
+    try:
+        for (name, text), (_, phones, error) in zip(jobs, results):
+            path = Path(name)
+            bar.update(1)
+            if error is not None:
+                summary.failed.append((path, error))
+                continue
+            if not phones:
+                summary.failed.append((path, f"no phones in transcript {text.strip()[:60]!r}"))
+                continue
+            out = sibling(path, PHN_SUFFIX)
+            try:
+                atomic_write_text(" ".join(phones) + "\n", out)
+            except OSError as e:
+                words = "no space left on device" if e.errno == errno.ENOSPC else (
+                    os.strerror(e.errno).lower() if e.errno else str(e))
+                summary.stopped.append(f"{words} while writing {out}")
+                break
+            summary.written += 1
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
     return summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (1 when any transcript failed)."""
+    """CLI entry point; returns the exit status (1 when any transcript failed or writing stopped,
+    2 on a setup error such as an empty folder). Under torchrun, rank 0 prints the merged summary."""
     from ..config import Config
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -301,18 +416,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m vall_e.emb.g2p",
         description="Write <id>.phn.txt (g2p_en phones, '_' between words) beside every transcript.",
-        epilog="Config overrides (key=value) and help=true are accepted like every entry point.",
+        epilog="Config overrides (key=value) and help=true are accepted like every entry point. Under "
+        "torchrun (or RANK/WORLD_SIZE set) each rank does its own shard.",
     )
     parser.add_argument("folder", type=Path, help="corpus folder (searched recursively)")
-    parser.add_argument("--suffix", default=TEXT_SUFFIX, help=f"transcript suffix (default {TEXT_SUFFIX})")
+    parser.add_argument("--suffix", default=TEXT_SUFFIX, help=f"transcript suffix, any case (default {TEXT_SUFFIX})")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="local g2p processes (default 0: this process; each worker loads g2p_en once)")
     args = parser.parse_args(rest)
     setup_logging()
     if not args.folder.exists():
         print(f"error: {args.folder} does not exist", file=sys.stderr)
         return 2
-    summary = phonemize_folder(args.folder, args.suffix)
-    print(summary.report())
-    return 0 if summary.ok else 1
+    try:
+        rank, world, _ = dist_env()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    merged = init_gloo_for_summary(world)
+    summary = phonemize_folder(args.folder, args.suffix, workers=args.workers)
+    gathered = gather_to_rank0(summary, world if merged else 1)
+    if merged:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if gathered is None:
+        return 0 if summary.ok else 1
+    total = Summary(ranks=len(gathered), found=gathered[0].found)
+    for s in gathered:
+        total.merge(s)
+    if total.found == 0:
+        print(f"error: no transcripts (*{args.suffix}, any case) under {args.folder}. Check the path, or pass "
+              "--suffix for another name (e.g. --suffix .txt)", file=sys.stderr)
+        return 2
+    if world > 1 and not merged:
+        print(f"(rank {rank} of {world}: this shard only; start ranks with torchrun to get one merged summary)")
+    print(total.report())
+    return 0 if total.ok else 1
 
 
 if __name__ == "__main__":
