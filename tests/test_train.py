@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,6 @@ import yaml
 
 from vall_e.config import Config
 from vall_e.data import DataError, load_codes, load_data
-from vall_e.sampler import SpeakerBalancedBatchSampler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def test_trains_saves_and_evaluates(tmp_path, prepared_corpus, model):
     assert json.loads((ckpt_dir / "phone_map.json").read_text())["<s>"] == 1
     train = stats(tmp_path / "logs")
     assert [r["step"] for r in train] == list(range(1, 9))
-    for key in ("loss", "acc", "acc10", "lr", "grad_norm", "frames_per_s", "elapsed_s"):
+    for key in ("loss", "acc", "acc10", "lr", "grad_norm", "frames_per_s", "elapsed_s", "pad_fraction", "bad_examples"):
         assert key in train[-1], key
     assert train[-1]["loss"] < train[0]["loss"], "loss did not fall"
     evals = stats(tmp_path / "logs", "subtrain")
@@ -175,7 +175,9 @@ LAUNCHERS = {
 
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_processes_keep_ranks_identical(tmp_path, prepared_corpus, launcher):
-    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=4, save_ckpt_every=2)
+    corpus = tmp_path / "corpus"  # a copy without an index: the two ranks must share one build
+    shutil.copytree(prepared_corpus, corpus, ignore=shutil.ignore_patterns(".vall_e"))
+    cfg_path = write_cfg(tmp_path, "ar", corpus, max_iter=4, save_ckpt_every=2)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, *LAUNCHERS[launcher], f"yaml={cfg_path}"],
@@ -186,6 +188,45 @@ def test_two_processes_keep_ranks_identical(tmp_path, prepared_corpus, launcher)
     assert logged.count("weights of all 2 ranks are identical") == 2  # steps 2 and 4
     assert "DIFFERENT" not in logged
     assert [r["step"] for r in stats(tmp_path / "logs")] == [1, 2, 3, 4]
+    assert logged.count("indexed ") == 1
+    assert sorted(p.name for p in (corpus / ".vall_e").iterdir() if p.name.startswith("g")) == ["g000001"]
+
+
+def _train_and_corrupt(tmp_path: Path, corpus: Path, victims: list[Path], **fields) -> tuple[int, str, list[dict]]:
+    """Start training, overwrite ``victims`` with garbage once it has logged step 2, wait for it to end."""
+    cfg_path = write_cfg(tmp_path, "ar", corpus, log_every=1, save_ckpt_every=10_000, pack_codes=False, **fields)
+    proc = subprocess.Popen([sys.executable, "-m", "vall_e.train", f"yaml={cfg_path}"], cwd=REPO, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(r["step"] >= 2 for r in stats(tmp_path / "logs")):
+        time.sleep(0.05)
+    for v in victims:
+        v.write_bytes(b"garbage: not a tensor")
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err, stats(tmp_path / "logs")
+
+
+def test_corrupt_codes_mid_run_are_skipped_and_named_once(tmp_path, prepared_corpus):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(prepared_corpus, corpus, ignore=shutil.ignore_patterns(".vall_e"))
+    victim = sorted(corpus.rglob("*.qnt.pt"))[0]
+    code, err, train = _train_and_corrupt(tmp_path, corpus, [victim], max_iter=120, max_bad_fraction=1.0)
+    assert code == 0, err[-3000:]
+    assert err.count(f"skipping an unreadable example: {victim}") == 1
+    assert train[-1]["step"] == 120 and train[-1]["bad_examples"] > 0
+    assert train[0]["bad_examples"] == 0
+
+
+def test_too_many_bad_examples_stop_with_the_list(tmp_path, prepared_corpus):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(prepared_corpus, corpus, ignore=shutil.ignore_patterns(".vall_e"))
+    victims = sorted(corpus.rglob("*.qnt.pt"))[:2]
+    code, err, train = _train_and_corrupt(tmp_path, corpus, victims, max_iter=10_000)
+    assert code == 2, err[-3000:]
+    assert "more than max_bad_fraction=0.01" in err and "python -m vall_e.emb.qnt" in err
+    assert all(str(v) in err for v in victims)
+    assert train[-1]["step"] < 10_000
 
 
 def test_nothing_to_train_on_explains_every_rule(tmp_path, prepared_corpus):
@@ -213,29 +254,6 @@ def test_malformed_codes_are_named(tmp_path):
     bad.write_bytes(b"not a tensor")
     with pytest.raises(DataError, match=r"x\.qnt\.pt.*cannot be loaded"):
         load_codes(bad)
-
-
-def test_sampler_is_speaker_balanced_rank_specific_and_resumable():
-    groups = [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9]]
-    costs = [100] * 10
-    make = lambda **kw: iter(SpeakerBalancedBatchSampler(groups, costs, batch_size=4, seed=1, **kw))
-    r0, r1 = make(rank=0), make(rank=1)
-    b0 = [next(r0) for _ in range(50)]
-    b1 = [next(r1) for _ in range(50)]
-    assert b0 != b1
-    draws = [d for batch in b0 for d in batch]
-    small = sum(d.index >= 8 for d in draws) / len(draws)
-    assert 0.35 < small < 0.65, "speakers are not drawn equally often"
-    for d in draws:
-        group = groups[0] if d.index < 8 else groups[1]
-        assert d.index not in d.prompts and set(d.prompts) <= set(group) and 1 <= len(d.prompts) <= 3
-    resumed = make(rank=0, start_batch=20)
-    assert [next(resumed) for _ in range(30)] == b0[20:]
-    budget = iter(SpeakerBalancedBatchSampler(groups, costs, batch_size=4, batch_frames=450, seed=1))
-    for _ in range(20):
-        batch = next(budget)
-        total = sum(100 * (1 + len(d.prompts)) for d in batch)
-        assert len(batch) == 1 or total <= 450
 
 
 def test_plot_writes_png(tmp_path):

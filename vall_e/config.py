@@ -61,7 +61,15 @@ class Config(BaseConfig):
     max_prompts: int = field(3, help="most utterances concatenated into one acoustic prompt")
     max_num_val: int = field(20, help="most utterances in each evaluation split")
     max_val_ar_steps: int = field(300, help="AR generation steps during evaluation")
-    batch_frames: int = field(0, help="if > 0, batch by this many total frames instead of batch_size")
+    min_seconds: float = field(0.0, help="drop utterances shorter than this (seconds of audio)")
+    max_seconds: float = field(0.0, help="drop utterances longer than this (0 = no limit)")
+    batch_frames: int = field(0, help="if > 0, bound on the padded batch: rows x longest sequence (else batch_size)")
+    bucket_batches: int = field(64, help="draw each batch from a length-sorted pool of this many batches' worth (0 = plain random)")
+    pack_codes: bool = field(True, help="read codes from the index's packed int16 shards (false: open each .qnt.pt)")
+    index_root: str = field("", help="keep corpus indexes here instead of <data_dir>/.vall_e (read-only corpora)")
+    index_check: str = field("files", help="staleness check at start: files (stat all) | dirs (folder mtimes) | off")
+    index_rebuild: bool = field(False, help="rebuild the corpus indexes from scratch")
+    max_bad_fraction: float = field(0.01, help="stop when more than this share of drawn examples is unreadable")
 
     # model
     num_tokens: int = field(1024, help="EnCodec codebook size")
@@ -87,7 +95,7 @@ class Config(BaseConfig):
     save_ckpt_every: int = field(2000, help="save a checkpoint every N steps")
     log_every: int = field(10, help="log training stats every N steps")
     sampling_temperature: float = field(1.0, help="AR sampling temperature in evaluation")
-    cache_dataloader: bool = field(False, help="cache the scanned dataset index under the checkpoint folder")
+    cache_dataloader: bool = field(False, help="(kept for old recipes; the corpus index is always cached)")
     ckpt_root: str = field("ckpts", help="checkpoints go to <ckpt_root>/<cfg_name>/")
     log_root: str = field("logs", help="logs go to <log_root>/<cfg_name>/<start time>/")
 
@@ -108,6 +116,15 @@ class Config(BaseConfig):
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.min_phones > self.max_phones:
             raise ConfigError(f"min_phones={self.min_phones} is larger than max_phones={self.max_phones}")
+        if self.index_check not in ("files", "dirs", "off"):
+            raise ConfigError(f"index_check={self.index_check!r}: use files, dirs or off")
+        for name in ("batch_frames", "bucket_batches", "min_seconds", "max_seconds", "nj"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
+        if 0 < self.max_seconds < self.min_seconds:
+            raise ConfigError(f"min_seconds={self.min_seconds} is larger than max_seconds={self.max_seconds}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ConfigError(f"max_bad_fraction={self.max_bad_fraction} must be within [0, 1]")
         if not 0.0 <= self.p_additional_prompt <= 1.0:
             raise ConfigError(f"p_additional_prompt={self.p_additional_prompt} must be within [0, 1]")
 

@@ -1,57 +1,54 @@
-"""Dataset: utterance discovery, filtering, train/val splits, phone symbols, prompts, dataloaders.
+"""Training data: filters, train/val splits, phone symbols, prompts and dataloaders over the corpus index.
 
-An utterance is ``<id>.qnt.pt`` (EnCodec codes ``(1, 8, T)``) with ``<id>.phn.txt`` beside it. Phones
-are wrapped as ``<s> … </s>`` and mapped to ids through a symbol map built from the training set
-(id 0 is padding). Each training example gets an acoustic prompt made of other utterances of the
-same speaker (:mod:`vall_e.sampler`).
+An utterance is ``<id>.qnt.pt`` (EnCodec codes ``(1, 8, T)``) with ``<id>.phn.txt`` beside it. Every
+``data_dirs`` folder is read through its memory-mapped index (:mod:`vall_e.corpus`); this module turns
+the indexes into the training set with numpy over whole arrays (no Python object per utterance), so
+a start costs seconds even at millions of utterances. Batches come from :mod:`vall_e.sampler`.
+
+Phones are wrapped as ``<s> … </s>`` and mapped to ids through a symbol map built from the kept
+utterances (id 0 is padding).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config
-from .sampler import Draw, SpeakerBalancedBatchSampler
-from .utils.helpers import atomic_write_text, find_files, sibling
+from .corpus import OK, BAD_CODES, BAD_PHONES, NO_PHONES, CorpusIndex, DataError, open_index, read_codes_file
+from .sampler import BucketBatchSampler, Draw, min_prompt_frames
 
 _logger = logging.getLogger(__name__)
 
 BOS, EOS = "<s>", "</s>"
 N_CODEBOOKS = 8
+FRAMES_PER_SECOND = 75
 VAL_FRACTION = 0.05
 
-
-class DataError(RuntimeError):
-    """A dataset problem a user must fix; the message names the file or the rule."""
-
-
-@dataclass
-class Utterance:
-    qnt_path: str
-    spkr: str
-    phones: list[str]
-    n_frames: int = -1  # -1 until known (only needed for batch_frames)
+__all__ = ["DataError", "DataBundle", "load_data", "load_codes", "encode_phones", "collate", "Draw"]
 
 
 @dataclass
 class ScanReport:
-    """What discovery found and what each rule dropped, for the "nothing to train on" diagnosis."""
+    """What the indexes hold and what each rule dropped, for the "nothing to train on" diagnosis."""
 
     dirs: list[str]
     n_qnt: int = 0
     missing_dirs: list[str] = field(default_factory=list)
-    no_phones: list[str] = field(default_factory=list)
+    no_phones: int = 0
+    unreadable: int = 0
     too_few_phones: int = 0
     too_many_phones: int = 0
+    too_short: int = 0
+    too_long: int = 0
+    over_budget: int = 0
     lonely_speaker_utts: int = 0
     lonely_speakers: int = 0
 
@@ -65,10 +62,14 @@ class ScanReport:
         lines += [
             f"  <id>.qnt.pt files found: {self.n_qnt}"
             + ("  (run `python -m vall_e.emb.qnt <folder>` to make them)" if self.n_qnt == 0 else ""),
-            f"  dropped, no <id>.phn.txt beside the codes: {len(self.no_phones)}"
+            f"  dropped, no <id>.phn.txt beside the codes: {self.no_phones}"
             + ("  (run `python -m vall_e.emb.g2p <folder>`)" if self.no_phones else ""),
+            f"  dropped, unreadable codes or phones: {self.unreadable}",
             f"  dropped, fewer than min_phones={cfg.min_phones} phones: {self.too_few_phones}",
             f"  dropped, more than max_phones={cfg.max_phones} phones: {self.too_many_phones}",
+            f"  dropped, shorter than min_seconds={cfg.min_seconds}: {self.too_short}",
+            f"  dropped, longer than max_seconds={cfg.max_seconds}: {self.too_long}",
+            f"  dropped, cannot fit batch_frames={cfg.batch_frames} with a prompt: {self.over_budget}",
             f"  dropped, speaker has fewer than 2 utterances (no prompt possible): {self.lonely_speaker_utts}"
             f" utterances of {self.lonely_speakers} speakers"
             + (f"  (speakers come from spkr_name_getter={cfg.spkr_name_getter!r})" if self.lonely_speakers else ""),
@@ -76,85 +77,13 @@ class ScanReport:
         return "\n".join(lines)
 
 
-def read_phones(path: str | Path) -> list[str]:
-    """Phones of one ``.phn.txt`` (single spaces between phones)."""
-    return Path(path).read_text(encoding="utf-8").split()
-
-
 def load_codes(path: str | Path) -> torch.Tensor:
-    """Load ``<id>.qnt.pt`` and return ``(T, 8)`` int64 codes; errors name the file and what is wrong."""
+    """Load ``<id>.qnt.pt`` (any integer dtype) as ``(T, 8)`` int64 codes; errors name the file."""
     try:
-        codes = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"{path}: cannot be loaded as a tensor ({e}); delete it and rerun `python -m vall_e.emb.qnt`") from None
-    if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.shape[:2] != (1, N_CODEBOOKS):
-        shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__
-        raise DataError(
-            f"{path}: expected EnCodec codes shaped (1, {N_CODEBOOKS}, T), found {shape}; "
-            "recreate it with `python -m vall_e.emb.qnt`"
-        )
-    if codes.is_floating_point() or codes.shape[-1] == 0:
-        raise DataError(f"{path}: codes must be a non-empty integer tensor; recreate it with `python -m vall_e.emb.qnt`")
-    return codes[0].t().to(torch.int64).contiguous()
-
-
-def scan(cfg: Config) -> tuple[list[Utterance], ScanReport]:
-    """Find every usable utterance under ``cfg.data_dirs`` and report what each rule dropped."""
-    report = ScanReport(dirs=list(cfg.data_dirs))
-    get_spkr = cfg.get_spkr
-    found: list[Utterance] = []
-    for d in cfg.data_dirs:
-        if not Path(d).exists():
-            report.missing_dirs.append(d)
-            continue
-        for qnt in find_files(d, ".qnt.pt"):
-            report.n_qnt += 1
-            phn = sibling(qnt, ".phn.txt")
-            if not phn.exists():
-                report.no_phones.append(str(qnt))
-                continue
-            phones = read_phones(phn)
-            if len(phones) < cfg.min_phones:
-                report.too_few_phones += 1
-                continue
-            if len(phones) > cfg.max_phones:
-                report.too_many_phones += 1
-                continue
-            found.append(Utterance(str(qnt), get_spkr(qnt), phones))
-    by_spkr: dict[str, list[Utterance]] = defaultdict(list)
-    for u in found:
-        by_spkr[u.spkr].append(u)
-    kept = []
-    for spkr, utts in by_spkr.items():
-        if len(utts) < 2:
-            report.lonely_speakers += 1
-            report.lonely_speaker_utts += len(utts)
-        else:
-            kept += utts
-    if report.no_phones:
-        _logger.warning("%d .qnt.pt files have no .phn.txt beside them, e.g. %s", len(report.no_phones), report.no_phones[0])
-    return kept, report
-
-
-def split_train_val(utts: Sequence[Utterance], seed: int) -> tuple[list[Utterance], list[Utterance]]:
-    """Per speaker, a fixed-seed shuffle puts ``floor(5%)`` of utterances in val (none for tiny speakers)."""
-    by_spkr: dict[str, list[Utterance]] = defaultdict(list)
-    for u in sorted(utts, key=lambda u: u.qnt_path):
-        by_spkr[u.spkr].append(u)
-    train, val = [], []
-    for spkr in sorted(by_spkr):
-        group = by_spkr[spkr]
-        random.Random(f"{seed}-{spkr}").shuffle(group)
-        n_val = int(len(group) * VAL_FRACTION)
-        val += group[:n_val]
-        train += group[n_val:]
-    return train, val
-
-
-def build_phone_map(utts: Iterable[Utterance]) -> dict[str, int]:
-    """Symbols sorted, ``<s>``/``</s>`` first, ids from 1 (0 is padding)."""
-    symbols = sorted({p for u in utts for p in u.phones} - {BOS, EOS})
-    return {s: i for i, s in enumerate([BOS, EOS, *symbols], start=1)}
+        codes = read_codes_file(path)
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: {e}; delete it and rerun `python -m vall_e.emb.qnt`") from None
+    return torch.from_numpy(codes.astype(np.int64))
 
 
 def encode_phones(phones: Sequence[str], phone_map: dict[str, int], where: str = "") -> torch.Tensor:
@@ -168,207 +97,401 @@ def encode_phones(phones: Sequence[str], phone_map: dict[str, int], where: str =
     return torch.tensor([phone_map[BOS], *(phone_map[p] for p in phones), phone_map[EOS]], dtype=torch.long)
 
 
-class VALLEDataset(Dataset):
-    """Examples for the models: ``{"text": (t,), "proms": (t', 8), "resps": (t'', 8), ...}``.
+# ----------------------------------------------------------------------------------------------
+# several folders' indexes as one corpus
 
-    Indexed by :class:`vall_e.sampler.Draw` (training: prompts chosen by the sampler) or by ``int``
-    (evaluation: prompts chosen deterministically from the other training utterances of the speaker).
+
+class Corpus:
+    """The indexes of all ``data_dirs`` as one row space: global row ``r`` -> (folder ``k``, row ``i``).
+
+    Holds only memory maps; pickling (to dataloader workers) sends paths.
     """
 
-    def __init__(
-        self,
-        utts: Sequence[Utterance],
-        phone_map: dict[str, int],
-        prompt_pool: dict[str, list[Utterance]] | None = None,
-        max_prompts: int = 3,
-        p_additional_prompt: float = 0.8,
-        seed: int = 0,
-    ):
-        self.utts = list(utts)
-        self.phone_map = phone_map
-        self.prompt_pool = prompt_pool if prompt_pool is not None else group_by_speaker(self.utts)
-        self.max_prompts = max_prompts
-        self.p_additional_prompt = p_additional_prompt
-        self.seed = seed
+    def __init__(self, indexes: Sequence[CorpusIndex]):
+        self.indexes = list(indexes)
+        self.starts = np.cumsum([0] + [len(x) for x in self.indexes])
 
     def __len__(self) -> int:
-        return len(self.utts)
+        return int(self.starts[-1])
 
-    def _eval_prompts(self, index: int) -> list[Utterance]:
-        u = self.utts[index]
-        others = [p for p in self.prompt_pool.get(u.spkr, []) if p.qnt_path != u.qnt_path]
-        if not others:
-            raise DataError(f"{u.qnt_path}: speaker {u.spkr!r} has no other utterance to use as a prompt")
-        rng = random.Random(f"{self.seed}-prompt-{u.qnt_path}")
-        chosen = []
-        for _ in range(self.max_prompts):
-            chosen.append(rng.choice(others))
-            if rng.random() > self.p_additional_prompt:
-                break
-        return chosen
+    def locate(self, row: int) -> tuple[int, int]:
+        """Global ``row`` -> (folder number, row in that folder's index)."""
+        k = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return k, row - int(self.starts[k])
 
-    def __getitem__(self, key: Draw | int) -> dict[str, Any]:
-        if isinstance(key, Draw):
-            u = self.utts[key.index]
-            prompt_utts = [self.utts[i] for i in key.prompts]
+    def column(self, name: str) -> np.ndarray:
+        """One per-row array over all folders (in memory; a view when there is one folder)."""
+        parts = [np.asarray(getattr(x, name)) for x in self.indexes]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def n_phones(self) -> np.ndarray:
+        return np.concatenate([np.diff(x.phone_off) for x in self.indexes])
+
+    def qnt_path(self, row: int) -> Path:
+        k, i = self.locate(row)
+        return self.indexes[k].qnt_path(i)
+
+    def symbols_used(self, rows: np.ndarray) -> set[str]:
+        """Phone symbols that occur in ``rows`` (gathered per folder in chunks: bounded memory)."""
+        used: set[str] = set()
+        for k, index in enumerate(self.indexes):
+            local = rows[(rows >= self.starts[k]) & (rows < self.starts[k + 1])] - self.starts[k]
+            counts = np.zeros(max(len(index.symbols), 1), np.int64)
+            for a in range(0, len(local), 1 << 18):
+                chunk = local[a : a + (1 << 18)]
+                lo = np.asarray(index.phone_off[chunk])
+                n = np.asarray(index.phone_off[chunk + 1]) - lo
+                # ragged gather: positions lo[j] .. lo[j] + n[j] - 1 of every row, concatenated
+                pos = np.arange(int(n.sum())) + np.repeat(lo - np.r_[0, np.cumsum(n)[:-1]], n)
+                counts += np.bincount(index.phones[pos], minlength=len(counts))
+            used |= {s for s, c in zip(index.symbols, counts.tolist()) if c}
+        return used
+
+
+def _speakers(corpus: Corpus, cfg: Config) -> tuple[np.ndarray, list[str]]:
+    """Speaker id per global row (from ``spkr_name_getter`` applied once per folder) and the names."""
+    get = cfg.get_spkr
+    names: dict[str, int] = {}
+    out = []
+    probe = "\0probe.qnt.pt"
+    for index in corpus.indexes:
+        try:
+            per_dir = [get((index.root / d) / probe) for d in index.meta["dirs"]]
+        except ValueError as e:
+            raise DataError(f"spkr_name_getter={cfg.spkr_name_getter!r}: {e}") from None
+        if any(s == probe for s in per_dir):  # the getter names the file itself: one speaker per utterance
+            spk = [names.setdefault(get(index.qnt_path(i)), len(names)) for i in range(len(index))]
+            out.append(np.asarray(spk, np.int64))
         else:
-            u = self.utts[key]
-            prompt_utts = self._eval_prompts(key)
+            ids = np.array([names.setdefault(s, len(names)) for s in per_dir], np.int64)
+            out.append(ids[np.asarray(index.dir)] if len(index) else np.zeros(0, np.int64))
+    return (np.concatenate(out) if out else np.zeros(0, np.int64)), list(names)
+
+
+def _split_key(keys: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded, order-independent random key per utterance (splitmix64 of its path hash)."""
+    x = keys.astype(np.uint64) ^ np.uint64((seed * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def split_train_val(rows: np.ndarray, spk: np.ndarray, keys: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """About 5% of each speaker's utterances go to val, chosen by a seeded key of their path.
+
+    The choice is per utterance, so adding or filtering other data never moves an utterance between
+    train and val (no leakage when a corpus grows). Speakers with fewer than 20 utterances give none,
+    as ``floor(5%)`` would, and every speaker keeps at least two training utterances (for prompts).
+    """
+    spk_rows = spk[rows]
+    n_spk = int(spk_rows.max()) + 1 if len(rows) else 0
+    counts = np.bincount(spk_rows, minlength=n_spk)
+    u = _split_key(keys[rows], seed).astype(np.float64) / 2.0**64
+    is_val = (u < VAL_FRACTION) & (counts[spk_rows] >= round(1 / VAL_FRACTION))
+    n_train = np.bincount(spk_rows[~is_val], minlength=n_spk)
+    is_val &= n_train[spk_rows] >= 2
+    return rows[~is_val], rows[is_val]
+
+
+def _group(rows: np.ndarray, spk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows grouped by speaker: (rows sorted by speaker, group starts ``(s + 1,)``, speaker ids ``(s,)``)."""
+    order = np.argsort(spk[rows], kind="stable")
+    grouped = rows[order]
+    s = spk[grouped]
+    first = np.r_[0, np.flatnonzero(np.diff(s)) + 1] if len(s) else np.zeros(0, np.int64)
+    return grouped, np.r_[first, len(s)].astype(np.int64), s[first]
+
+
+# ----------------------------------------------------------------------------------------------
+# examples
+
+
+class _BadExample(Exception):
+    def __init__(self, path: Path, message: str):
+        super().__init__(message)
+        self.path = path
+
+
+class VALLEDataset(Dataset):
+    """Examples for the models, indexed by :class:`~vall_e.sampler.Draw`:
+    ``{"text": (t,), "proms": (t', 8), "resps": (t'', 8), "path": str, "spkr_name": str}``.
+
+    A draw whose codes cannot be read gives ``{"bad": path, "error": message}`` instead (the
+    trainer skips, counts and reports it). With ``packed`` the codes come from the corpus shards.
+    """
+
+    def __init__(self, corpus: Corpus, phone_map: dict[str, int], spkr_names: dict[int, str], packed: bool = True):
+        self.corpus = corpus
+        self.phone_map = phone_map
+        self.spkr_names = spkr_names  # row -> speaker, only for the rows this dataset serves in eval
+        self.packed = packed
+        # per folder: local symbol id -> model phone id (-1: not in the phone map)
+        self.luts = [
+            np.array([phone_map.get(s, -1) for s in index.symbols] or [-1], dtype=np.int64) for index in corpus.indexes
+        ]
+
+    def _text(self, row: int) -> torch.Tensor:
+        k, i = self.corpus.locate(row)
+        index = self.corpus.indexes[k]
+        ids = self.luts[k][index.phone_ids(i)]
+        if (ids < 0).any():
+            unknown = sorted({index.symbols[s] for s, v in zip(index.phone_ids(i), ids) if v < 0})
+            raise DataError(f"{index.qnt_path(i)}: phones {unknown} are not in the model's phone map")
+        return torch.from_numpy(np.concatenate([[self.phone_map[BOS]], ids, [self.phone_map[EOS]]]))
+
+    def _codes(self, row: int) -> torch.Tensor:
+        k, i = self.corpus.locate(row)
+        index = self.corpus.indexes[k]
+        if self.packed and index.shard[i] >= 0:
+            codes = index.codes(i)
+        else:
+            path = index.qnt_path(i)
+            try:
+                codes = read_codes_file(path)
+            except (ValueError, OSError) as e:
+                raise _BadExample(path, f"{path}: {e}") from None
+            if len(codes) != index.n_frames[i]:
+                raise _BadExample(path, f"{path}: has {len(codes)} frames, the index {index.n_frames[i]} (changed since the start)")
+        return torch.from_numpy(codes.astype(np.int64))
+
+    def __getitem__(self, draw: Draw) -> dict[str, Any]:
+        try:
+            resps = self._codes(draw.index)
+            proms = torch.cat([self._codes(p) for p in draw.prompts])
+        except _BadExample as e:
+            return {"bad": str(e.path), "error": str(e)}
         return {
-            "path": u.qnt_path,
-            "spkr_name": u.spkr,
-            "text": encode_phones(u.phones, self.phone_map, where=str(sibling(u.qnt_path, ".phn.txt"))),
-            "proms": torch.cat([load_codes(p.qnt_path) for p in prompt_utts]),
-            "resps": load_codes(u.qnt_path),
+            "path": str(self.corpus.qnt_path(draw.index)),
+            "spkr_name": self.spkr_names.get(draw.index, ""),
+            "text": self._text(draw.index),
+            "proms": proms,
+            "resps": resps,
         }
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+
+_KEYS = ("path", "spkr_name", "text", "proms", "resps")
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Lists of variable-length tensors: the models pad internally."""
-    return {k: [s[k] for s in samples] for k in samples[0]}
+    """Lists of variable-length tensors (the models pad internally); unreadable examples go to ``bad``."""
+    good = [s for s in samples if "bad" not in s]
+    batch: dict[str, list[Any]] = {k: [s[k] for s in good] for k in _KEYS}
+    batch["bad"] = [(s["bad"], s["error"]) for s in samples if "bad" in s]
+    return batch
 
 
-def group_by_speaker(utts: Iterable[Utterance]) -> dict[str, list[Utterance]]:
-    groups: dict[str, list[Utterance]] = defaultdict(list)
-    for u in utts:
-        groups[u.spkr].append(u)
-    return dict(groups)
+def sequence_lengths(batch: dict[str, list[torch.Tensor]]) -> list[int]:
+    """Per example, the model's sequence length: text + 2 separators + prompt + response."""
+    return [len(t) + 2 + len(p) + len(r) for t, p, r in zip(batch["text"], batch["proms"], batch["resps"])]
+
+
+# ----------------------------------------------------------------------------------------------
+# the training set
 
 
 @dataclass
 class DataBundle:
-    """Everything training needs from the data: splits, phone map and dataloader factories."""
+    """Everything training needs from the data: the corpus, splits, phone map and loader factories.
 
-    train: list[Utterance]
-    val: list[Utterance]
+    ``train``/``val`` are global corpus rows; per-row arrays (``n_frames``, ``n_phones``, ``spk``)
+    are over the whole corpus.
+    """
+
+    corpus: Corpus
+    train: np.ndarray
+    val: np.ndarray
+    spk: np.ndarray
+    spkr_names: list[str]
+    n_frames: np.ndarray
+    n_phones: np.ndarray
     phone_map: dict[str, int]
     cfg: Config
+    report: ScanReport
 
     @property
     def speakers(self) -> list[str]:
-        return sorted({u.spkr for u in self.train})
+        return sorted({self.spkr_names[s] for s in np.unique(self.spk[self.train]).tolist()})
 
-    def train_loader(self, rank: int, start_batch: int) -> DataLoader:
-        """Endless speaker-balanced training batches; ``start_batch`` batches are skipped (resume)."""
+    def own_cost(self, rows: np.ndarray) -> np.ndarray:
+        """Sequence length of ``rows`` without a prompt: phones + ``<s>``/``</s>`` + 2 separators + frames."""
+        return self.n_phones[rows] + 4 + self.n_frames[rows]
+
+    def sampler(self, rank: int, start_batch: int = 0, **overrides: Any) -> BucketBatchSampler:
+        """The training batch stream of ``rank`` from batch ``start_batch`` (``overrides``: sampler args)."""
         cfg = self.cfg
-        if cfg.batch_frames > 0:
-            _ensure_frame_counts(self.train)
-        index = {u.qnt_path: i for i, u in enumerate(self.train)}
-        groups = [[index[u.qnt_path] for u in g] for g in group_by_speaker(self.train).values()]
-        costs = [u.n_frames + len(u.phones) + 2 for u in self.train]
-        sampler = SpeakerBalancedBatchSampler(
-            groups,
-            costs,
+        rows, starts, _ = _group(self.train, self.spk)
+        args = dict(
             batch_size=cfg.batch_size,
             batch_frames=cfg.batch_frames,
+            bucket_batches=cfg.bucket_batches,
             max_prompts=cfg.max_prompts,
             p_additional_prompt=cfg.p_additional_prompt,
             seed=cfg.seed,
             rank=rank,
             start_batch=start_batch,
         )
-        dataset = VALLEDataset(self.train, self.phone_map, seed=cfg.seed)
+        args.update(overrides)
+        return BucketBatchSampler(rows, starts, self.own_cost(rows), self.n_frames[rows], **args)
+
+    def dataset(self, rows: np.ndarray | None = None) -> VALLEDataset:
+        names = {} if rows is None else {int(r): self.spkr_names[self.spk[r]] for r in rows}
+        return VALLEDataset(self.corpus, self.phone_map, names, packed=self.cfg.pack_codes)
+
+    def train_loader(self, rank: int, start_batch: int) -> DataLoader:
+        """Endless training batches of ``rank``, starting at batch ``start_batch`` (resume, O(1))."""
+        cfg = self.cfg
         return DataLoader(
-            dataset,
-            batch_sampler=sampler,
+            self.dataset(),
+            batch_sampler=self.sampler(rank, start_batch),
             collate_fn=collate,
             num_workers=cfg.nj,
             persistent_workers=cfg.nj > 0,
             prefetch_factor=4 if cfg.nj > 0 else None,
             # Workers start fresh instead of forking a process that already runs gloo, DeepSpeed and
             # OpenMP threads (a fork can copy a lock another thread holds and hang the first batch).
+            # They receive only paths and map the index themselves.
             multiprocessing_context="spawn" if cfg.nj > 0 else None,
             pin_memory=cfg.device.startswith("cuda"),
-            # its own generator: creating the loader must not advance the global RNG (exact resume)
+            # its own generator: starting an iterator must not draw from the global RNG (exact resume)
             generator=torch.Generator().manual_seed(cfg.seed + rank),
         )
 
-    def eval_loader(self, split: str) -> DataLoader:
-        """Deterministic evaluation batches: ``subtrain`` (a fixed subset of train) or ``val``."""
+    def eval_draws(self, split: str) -> list[Draw]:
+        """Deterministic evaluation examples: ``subtrain`` (a fixed subset of train) or ``val``, each with
+        prompts chosen by a fixed-seed draw from the other training utterances of its speaker."""
         cfg = self.cfg
         if split == "subtrain":
-            utts = list(self.train)
-            random.Random(f"{cfg.seed}-subtrain").shuffle(utts)
+            rows = self.train.copy()
+            random.Random(f"{cfg.seed}-subtrain").shuffle(rows)
         elif split == "val":
-            utts = list(self.val)
+            rows = self.val
         else:
             raise ValueError(f"unknown split {split!r}")
-        utts = utts[: cfg.max_num_val]
-        dataset = VALLEDataset(
-            utts,
-            self.phone_map,
-            prompt_pool=group_by_speaker(self.train),
-            max_prompts=cfg.max_prompts,
-            p_additional_prompt=cfg.p_additional_prompt,
-            seed=cfg.seed,
-        )
-        return DataLoader(dataset, batch_size=cfg.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=0)
+        rows = rows[: cfg.max_num_val]
+        pool, starts, spks = _group(self.train, self.spk)
+        where = {int(s): j for j, s in enumerate(spks.tolist())}
+        draws = []
+        for r in rows.tolist():
+            j = where.get(int(self.spk[r]))
+            others = [] if j is None else [int(x) for x in pool[starts[j] : starts[j + 1]] if x != r]
+            if not others:
+                continue
+            rng = random.Random(f"{cfg.seed}-prompt-{self.corpus.qnt_path(r)}")
+            chosen = []
+            for _ in range(cfg.max_prompts):
+                chosen.append(rng.choice(others))
+                if rng.random() > cfg.p_additional_prompt:
+                    break
+            draws.append(Draw(r, tuple(chosen)))
+        return draws
+
+    def eval_loader(self, split: str) -> DataLoader:
+        draws = self.eval_draws(split)
+        dataset = self.dataset(np.array([d.index for d in draws], dtype=np.int64))
+        return DataLoader(draws, batch_size=self.cfg.eval_batch_size, shuffle=False, num_workers=0,
+                          collate_fn=lambda ds: collate([dataset[d] for d in ds]))
 
 
-def _ensure_frame_counts(utts: Sequence[Utterance]) -> None:
-    from tqdm import tqdm
+def open_corpus(cfg: Config, progress: bool = True) -> tuple[Corpus, list[str]]:
+    """Open (building or refreshing as needed) the index of every ``data_dirs`` folder.
 
-    todo = [u for u in utts if u.n_frames < 0]
-    for u in tqdm(todo, desc="reading frame counts", unit="file", disable=len(todo) < 200):
-        u.n_frames = load_codes(u.qnt_path).shape[0]
-
-
-def load_data(cfg: Config, phone_map: dict[str, int] | None = None) -> DataBundle:
-    """Scan, filter and split ``cfg.data_dirs``; build the phone map unless one is given (resume).
-
-    With ``cache_dataloader`` the scanned index is kept in ``<ckpt_dir>/data_index.json`` and reused
-    while the set of folders and filters is unchanged (delete the file after adding data).
+    Under a launcher, global rank 0 checks and builds while the other ranks wait, then map what it
+    wrote: one scan, one build, whatever the number of ranks. Returns the corpus and missing folders.
     """
-    utts = _load_index_cache(cfg) if cfg.cache_dataloader else None
-    if utts is None:
-        utts, report = scan(cfg)
-        if not utts:
-            raise DataError(report.explain(cfg))
-        if cfg.cache_dataloader:
-            _save_index_cache(cfg, utts)
-    train, val = split_train_val(utts, cfg.seed)
+    from .utils import distributed
+
+    existing = [d for d in cfg.data_dirs if Path(d).is_dir()]
+    missing = [d for d in cfg.data_dirs if not Path(d).is_dir()]
+
+    def build(check: str) -> list[CorpusIndex]:
+        return [
+            open_index(d, cfg.index_root, check=check, pack=cfg.pack_codes, rebuild=cfg.index_rebuild and check != "off",
+                       nj=cfg.nj, progress=progress)
+            for d in existing
+        ]
+
+    indexes = distributed.leader_first(lambda: build(cfg.index_check), lambda: build("off"), DataError)
+    return Corpus(indexes), missing
+
+
+def load_data(cfg: Config, phone_map: dict[str, int] | None = None, progress: bool = True) -> DataBundle:
+    """Filter and split ``cfg.data_dirs`` through their indexes; build the phone map unless one is given (resume)."""
+    corpus, missing = open_corpus(cfg, progress)
+    report = ScanReport(dirs=list(cfg.data_dirs), missing_dirs=missing)
+    if missing and cfg.data_dirs and len(missing) == len(cfg.data_dirs):
+        raise DataError(report.explain(cfg))
+    for d in missing:
+        _logger.warning("data folder %r does not exist: skipped", d)
+
+    status = corpus.column("status")
+    n_frames = corpus.column("n_frames").astype(np.int64)
+    n_phones = corpus.n_phones()
+    spk, spkr_names = _speakers(corpus, cfg)
+    report.n_qnt = len(status)
+    report.no_phones = int((status == NO_PHONES).sum())
+    report.unreadable = int(((status == BAD_CODES) | (status == BAD_PHONES)).sum())
+    keep = status == OK
+    rules = [
+        ("too_few_phones", n_phones < cfg.min_phones),
+        ("too_many_phones", n_phones > cfg.max_phones),
+        ("too_short", n_frames < cfg.min_seconds * FRAMES_PER_SECOND),
+        ("too_long", (n_frames > cfg.max_seconds * FRAMES_PER_SECOND) if cfg.max_seconds > 0 else np.zeros_like(keep)),
+    ]
+    for name, drop in rules:
+        setattr(report, name, int((keep & drop).sum()))
+        keep &= ~drop
+    if report.no_phones:
+        _logger.warning("%d .qnt.pt files have no .phn.txt beside them (run `python -m vall_e.emb.g2p`)", report.no_phones)
+
+    rows = np.flatnonzero(keep)
+    for _ in range(10):  # dropping utterances can leave speakers alone or raise their cheapest prompt
+        counts = np.bincount(spk[rows], minlength=len(spkr_names)) if len(rows) else np.zeros(len(spkr_names), np.int64)
+        lonely = counts[spk[rows]] < 2
+        report.lonely_speaker_utts += int(lonely.sum())
+        report.lonely_speakers += int(((counts > 0) & (counts < 2)).sum())
+        rows = rows[~lonely]
+        if cfg.batch_frames <= 0 or not len(rows):
+            break
+        grouped, starts, _ = _group(rows, spk)
+        cheapest = n_phones[grouped] + 4 + n_frames[grouped] + min_prompt_frames(starts, n_frames[grouped])
+        over = grouped[cheapest > cfg.batch_frames]
+        if not len(over):
+            break
+        report.over_budget += len(over)
+        rows = np.setdiff1d(rows, over)
+    if report.over_budget:
+        _logger.warning(
+            "%d utterances cannot fit batch_frames=%d even with their speaker's shortest prompt: left out "
+            "(raise batch_frames or lower max_seconds)", report.over_budget, cfg.batch_frames,
+        )
+    if not len(rows):
+        raise DataError(report.explain(cfg))
+
+    train, val = split_train_val(rows, spk, corpus.column("key"), cfg.seed)
+    used = corpus.symbols_used(rows)
     if phone_map is None:
-        phone_map = build_phone_map(train)
+        phone_map = {s: i for i, s in enumerate([BOS, EOS, *sorted(used - {BOS, EOS})], start=1)}
     else:
-        unseen = sorted({p for u in train + val for p in u.phones} - set(phone_map))
+        unseen = sorted(used - set(phone_map))
         if unseen:
             raise DataError(
                 f"the data has phones {unseen} that the checkpoint's phone map lacks; train a new model "
                 f"(another ckpt_root or yaml name) or drop those utterances"
             )
-    return DataBundle(train, val, phone_map, cfg)
-
-
-def _cache_key(cfg: Config) -> dict[str, Any]:
-    return {
-        "data_dirs": list(cfg.data_dirs),
-        "spkr_name_getter": cfg.spkr_name_getter,
-        "min_phones": cfg.min_phones,
-        "max_phones": cfg.max_phones,
-    }
-
-
-def _load_index_cache(cfg: Config) -> list[Utterance] | None:
-    path = cfg.ckpt_dir / "data_index.json"
-    if not path.exists():
-        return None
-    blob = json.loads(path.read_text(encoding="utf-8"))
-    if blob.get("key") != _cache_key(cfg):
-        return None
-    _logger.info("using the cached dataset index %s", path)
-    return [Utterance(**u) for u in blob["utterances"]]
-
-
-def _save_index_cache(cfg: Config, utts: Sequence[Utterance]) -> None:
-    blob = {"key": _cache_key(cfg), "utterances": [asdict(u) for u in utts]}
-    atomic_write_text(json.dumps(blob), cfg.ckpt_dir / "data_index.json")
+    return DataBundle(corpus, train, val, spk, spkr_names, n_frames, n_phones, phone_map, cfg, report)
 
 
 def summarize(bundle: DataBundle) -> dict[str, Any]:
+    hours = lambda rows: round(float(bundle.n_frames[rows].sum()) / FRAMES_PER_SECOND / 3600, 2)  # noqa: E731
     return {
         "train_utterances": len(bundle.train),
         "val_utterances": len(bundle.val),
+        "train_hours": hours(bundle.train),
+        "corpus_hours": hours(np.flatnonzero(bundle.n_frames > 0)),
         "speakers": len(bundle.speakers),
         "phones": len(bundle.phone_map),
     }
-

@@ -85,6 +85,12 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The torch seed of one training step: differs per rank (dropout masks, NAR levels), and is a pure
+    function of (seed, rank, step) so a resumed run draws exactly what the uninterrupted one did."""
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % (2**63 - 1)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -99,7 +105,7 @@ class TrainState:
     """What a checkpoint must hold beyond DeepSpeed's model/optimizer/scheduler state."""
 
     step: int = 0
-    consumed_batches: int = 0  # loader batches drawn on this rank; the sampler skips them on resume
+    consumed_batches: int = 0  # loader batches drawn on this rank; the sampler starts after them on resume
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the phone map
 
 
@@ -129,17 +135,30 @@ class Trainer:
         self.evaluate = evaluate
         self.state = state
         self.commands = StdinCommands()
+        self.rank = distributed.global_rank()
+        self.n_examples = 0  # examples drawn by this rank in this process, readable or not
+        self.n_bad = 0
+        self.bad_files: dict[str, str] = {}
+        self.positions = [0, 0]  # since the last log: real sequence positions, positions after padding
 
     # checkpoints -----------------------------------------------------------------------------
 
     def client_state(self) -> dict[str, Any]:
+        """Our part of a checkpoint (collective: every rank's batch count is gathered)."""
         from ..version import __version__
 
+        per_rank = [self.state.consumed_batches]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.zeros(dist.get_world_size(), dtype=torch.int64)
+            t[dist.get_rank()] = self.state.consumed_batches
+            dist.all_reduce(t)
+            per_rank = t.tolist()
         # One namespaced key: DeepSpeed mixes its own metadata into the client state it returns.
         return {
             CLIENT_KEY: {
                 "step": self.state.step,
                 "consumed_batches": self.state.consumed_batches,
+                "consumed_batches_per_rank": per_rank,
                 "rng": rng_state(),
                 "version": __version__,
                 **self.state.extra,
@@ -163,15 +182,48 @@ class Trainer:
             raise RuntimeError(f"{ckpt_dir}: the latest checkpoint was not written by vall_e.train (no {CLIENT_KEY!r} state)")
         client = client[CLIENT_KEY]
         set_rng_state(client["rng"])
-        extra = {k: v for k, v in client.items() if k not in {"step", "consumed_batches", "rng", "version"}}
-        return TrainState(step=int(client["step"]), consumed_batches=int(client["consumed_batches"]), extra=extra)
+        consumed = int(client["consumed_batches"])
+        per_rank = client.get("consumed_batches_per_rank")
+        if per_rank is not None and len(per_rank) == distributed.world_size():
+            consumed = int(per_rank[distributed.global_rank()])
+        elif per_rank is not None:
+            _logger.warning("the checkpoint was written by %d ranks, this run has %d: every rank resumes its data "
+                            "stream at batch %d", len(per_rank), distributed.world_size(), consumed)
+        skip = {"step", "consumed_batches", "consumed_batches_per_rank", "rng", "version"}
+        extra = {k: v for k, v in client.items() if k not in skip}
+        return TrainState(step=int(client["step"]), consumed_batches=consumed, extra=extra)
 
     # loop --------------------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[dict[str, list[torch.Tensor]]]:
+        """Loader batches with unreadable examples left out (counted, each file named once)."""
         for batch in self.make_loader(self.state.consumed_batches):
             self.state.consumed_batches += 1
-            yield batch
+            for path, message in batch.get("bad", ()):
+                self.n_bad += 1
+                if path not in self.bad_files:
+                    self.bad_files[path] = message
+                    _logger.warning("skipping an unreadable example: %s", message)
+            self.n_examples += len(batch["text"]) + len(batch.get("bad", ()))
+            if batch["text"]:
+                yield batch
+
+    def _check_bad_data(self) -> bool:
+        """True (on every rank alike) when more than ``max_bad_fraction`` of the drawn examples were unreadable."""
+        t = torch.tensor([self.n_bad, self.n_examples], dtype=torch.float64)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        bad, seen = t.tolist()
+        if seen < 100 or bad <= self.cfg.max_bad_fraction * seen:
+            return False
+        files = "\n  ".join(sorted(self.bad_files)[:50])
+        _logger.error(
+            "%d of %d drawn examples (more than max_bad_fraction=%g) were unreadable; this rank saw these files:\n  %s\n"
+            "Delete them and recreate them with `python -m vall_e.emb.qnt <their folder>` (it skips files already "
+            "done), then rerun this command: it resumes from the last checkpoint.",
+            int(bad), int(seen), self.cfg.max_bad_fraction, files,
+        )
+        return True
 
     def _step(self, batches: Iterator[dict[str, list[torch.Tensor]]], log: bool) -> dict[str, float] | None:
         """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the engine.
@@ -179,6 +231,8 @@ class Trainer:
         Stats (and the gradient norm) are turned into numbers only when ``log`` is set: reading a
         device tensor back every step would stall the GPU for nothing.
         """
+        from ..data import sequence_lengths
+
         engine, device = self.engine, self.engine.device
         totals: dict[str, torch.Tensor] = {}
         frames = 0
@@ -186,6 +240,9 @@ class Trainer:
         grad_norm = None
         for i in range(n_micro):
             batch = next(batches)
+            lens = sequence_lengths(batch)
+            self.positions[0] += sum(lens)
+            self.positions[1] += len(lens) * max(lens)
             text, proms, resps = (to_device(batch[k], device) for k in ("text", "proms", "resps"))
             out = engine(text, proms, resps)
             engine.backward(out.loss)
@@ -200,6 +257,9 @@ class Trainer:
             return None
         stats = {k: float(v) for k, v in totals.items()}
         stats["frames"] = float(frames)
+        stats["positions"], stats["padded_positions"] = map(float, self.positions)
+        stats["bad_examples"] = float(self.n_bad)
+        self.positions = [0, 0]
         if grad_norm is not None:
             stats["grad_norm"] = grad_norm
         return stats
@@ -219,7 +279,8 @@ class Trainer:
         t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(t)
         n = dist.get_world_size()
-        return {k: (float(v) if k == "frames" else float(v) / n) for k, v in zip(keys, t.tolist())}
+        summed = {"frames", "positions", "padded_positions", "bad_examples"}
+        return {k: (float(v) if k in summed else float(v) / n) for k, v in zip(keys, t.tolist())}
 
     def run(self) -> int:
         """Train to ``max_iter`` (or until ``quit``); returns the process exit status."""
@@ -235,6 +296,7 @@ class Trainer:
             t0 = time.time()
             step = self.state.step + 1
             log = step % cfg.log_every == 0 or step == 1 or step == cfg.max_iter
+            torch.manual_seed(step_seed(cfg.seed, self.rank, step))
             stats = self._step(batches, log)
             self.state.step = step
             if stats is not None:
@@ -242,18 +304,22 @@ class Trainer:
                 dt = time.time() - t0
                 if "grad_norm" not in stats and engine.get_global_grad_norm() is not None:
                     stats["grad_norm"] = float(engine.get_global_grad_norm())
+                positions, padded = stats.pop("positions"), stats.pop("padded_positions")
                 log_stats(
                     {
                         "split": "train",
                         "step": step,
                         "loss": stats.pop("loss"),
                         **{k: v for k, v in stats.items() if k != "frames"},
+                        "pad_fraction": 1.0 - positions / max(padded, 1.0),
                         "lr": float(engine.get_lr()[0]),
                         "frames_per_s": stats["frames"] / max(dt, 1e-9),
                         "step_s": dt,
                         "elapsed_s": time.time() - t_start,
                     }
                 )
+                if self._check_bad_data():
+                    return 2
             command = self.commands.poll()
             if step % cfg.save_ckpt_every == 0 or command in {"save", "quit"} or step == cfg.max_iter:
                 self.save()
