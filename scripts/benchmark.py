@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from vall_e.base import get_model  # noqa: E402
+from vall_e.models import get_model  # noqa: E402
 
 PROMPT_FRAMES, N_PHONES, AUDIO_10S = 225, 40, 750
 TRAIN_BATCH, TRAIN_RESP = 4, 300

@@ -112,7 +112,7 @@ def test_zero3_checkpoint_is_gathered(tmp_path):
     script = textwrap.dedent(
         f"""
         import torch
-        from vall_e.base import get_model
+        from vall_e.models import get_model
         from vall_e.config import Config
         from vall_e.utils import distributed
         from vall_e.utils.engines import build_engine

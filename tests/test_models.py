@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from vall_e.ar import AR
-from vall_e.base import PRESETS, ModelConfig, build_model, get_model, sample_logits
+from vall_e.base import PRESETS, ModelConfig, sample_logits
+from vall_e.models import build_model, get_model
 from vall_e.nar import NAR
 
 

@@ -1,4 +1,4 @@
-"""The transformer shared by the AR and NAR models, the preset table and the model factory.
+"""The transformer shared by the AR and NAR models, and the preset table (the factory is :mod:`vall_e.models`).
 
 Both models read one sequence per utterance (Wang et al. 2023, VALL-E, as laid out by the
 reference implementation)::
@@ -85,22 +85,6 @@ class ModelConfig:
             raise ValueError(f"the NAR needs at least 2 response levels; got {self.n_resp_levels}")
         if self.d_model % self.n_heads or self.d_model % 2:
             raise ValueError(f"d_model={self.d_model} must be even and divisible by n_heads={self.n_heads}")
-
-
-def get_model(name: str, **overrides) -> "Base":
-    """Build a fresh model from a preset name, e.g. ``get_model("ar-quarter", n_text_tokens=128)``."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-    return build_model({**PRESETS[name], "preset": name, **overrides})
-
-
-def build_model(hparams: dict) -> "Base":
-    """Rebuild a model (untrained) from ``model.hparams``; load its ``state_dict`` afterwards."""
-    from .ar import AR  # late imports: ar/nar import this module
-    from .nar import NAR
-
-    config = ModelConfig(**hparams)
-    return (AR if config.kind == "ar" else NAR)(config)
 
 
 @dataclass
@@ -415,7 +399,7 @@ class Base(nn.Module):
 
     @property
     def hparams(self) -> dict:
-        """Everything :func:`build_model` needs to rebuild this architecture."""
+        """Everything :func:`vall_e.models.build_model` needs to rebuild this architecture."""
         return dataclasses.asdict(self.config)
 
     @property

@@ -15,7 +15,7 @@ DeepSpeed. It is a plain dict::
     trained_with    project version that wrote the checkpoint
     kind            "ar" | "nar"
     preset          preset name, e.g. "ar-quarter"
-    hparams         everything ``vall_e.base.build_model`` needs
+    hparams         everything ``vall_e.models.build_model`` needs
     phone_map       {phone: id} the model was trained with (ids from 1; 0 = padding)
     speakers        training speakers (informational)
     step            training step of the checkpoint
@@ -214,7 +214,7 @@ def _zero3_state_dict(ckpt_dir: Path, tag: str) -> dict[str, Any]:
 
 def check_loads(data: dict[str, Any]) -> None:
     """Build the model from ``data["hparams"]`` and load ``data["state_dict"]`` strictly."""
-    from .base import build_model
+    from .models import build_model
 
     model = build_model(data["hparams"])
     model.load_state_dict(data["state_dict"], strict=True)

@@ -136,7 +136,7 @@ def load_model(path: str | Path, kind: Optional[str] = None, device: str = "cpu"
     Raises:
         vall_e.export.InferenceFileError: missing, corrupt, wrong kind, or weights that do not fit.
     """
-    from .base import build_model
+    from .models import build_model
     from .export import InferenceFileError, read_inference_file
 
     data = read_inference_file(path)

@@ -27,7 +27,7 @@ _logger = logging.getLogger("vall_e.train")
 
 
 def _build_model(cfg: Config):
-    from .base import get_model
+    from .models import get_model
 
     return get_model(cfg.model, activation_checkpointing=cfg.activation_checkpointing)
 
@@ -53,7 +53,7 @@ class Evaluator:
     def __call__(self, step: int) -> None:
         for split in ("subtrain", "val"):
             loader = self.data.eval_loader(split)
-            if len(loader.dataset) == 0:
+            if len(loader.dataset) == 0:  # no draws (e.g. an empty val split)
                 continue
             stats = self._run_split(loader, split, step)
             if distributed.is_global_leader():
@@ -68,6 +68,8 @@ class Evaluator:
         matches: list[float] = []
         greedy_matches: list[float] = []  # AR: separates how well the model fits from sampling noise
         for bi, batch in enumerate(loader):
+            if not batch["text"]:  # every example unreadable (named by the data loader's warning)
+                continue
             text, proms, resps = (to_device(batch[k], device) for k in ("text", "proms", "resps"))
             if cfg.model_kind == "ar":
                 out = model(text, proms, resps)
@@ -90,6 +92,8 @@ class Evaluator:
             n_utts += len(text)
             if distributed.is_global_leader():
                 self._write_audio(batch["path"], resps, hyp_codes, split, step)
+        if n_batches == 0:
+            return {"n": 0}
         stats = {k: v / n_batches for k, v in totals.items()}
         stats["gen_match"] = sum(matches) / len(matches)
         if greedy_matches:
