@@ -258,3 +258,17 @@ def test_leader_first_lets_the_others_wait_then_map(tmp_path):
                            str(script)], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "RESULT 0 built" in proc.stdout and "RESULT 1 mapped" in proc.stdout
+
+
+def test_dirs_check_sees_new_files_and_the_cli_builds(tmp_path, prepared_corpus):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(prepared_corpus, corpus, ignore=shutil.ignore_patterns(".vall_e"))
+    proc = subprocess.run([sys.executable, "-m", "vall_e.corpus", str(corpus), "index_check=dirs"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "8 utterances" in proc.stdout and "g000001 (packed)" in proc.stdout
+    assert open_index(corpus, check="dirs", progress=False).gen.name == "g000001"
+    q = sorted(corpus.rglob("*.qnt.pt"))[0]
+    shutil.copy(q, q.with_name("extra.qnt.pt"))  # a new file changes its folder's mtime
+    assert open_index(corpus, check="dirs", progress=False).gen.name == "g000002"
+    assert open_index(corpus, check="off", progress=False).gen.name == "g000002"

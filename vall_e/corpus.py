@@ -635,3 +635,57 @@ def _run_tasks(tasks: Sequence[tuple], nj: int, progress: bool, n_files: int) ->
     finally:
         bar.close()
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: build or refresh indexes ahead of training (e.g. on a login node, with many processes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m vall_e.corpus [folder ...] [yaml=...] [key=value ...]``: build/refresh, then summarize.
+
+    Folders default to the config's ``data_dirs``; ``nj``, ``index_root``, ``index_check``,
+    ``index_rebuild`` and ``pack_codes`` apply as in training.
+    """
+    import argparse
+    import sys
+
+    from .config import Config
+    from .utils.helpers import setup_logging
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words, rest = Config.split_argv(argv)
+    cfg = Config.from_cli(words)
+    parser = argparse.ArgumentParser(
+        prog="python -m vall_e.corpus",
+        description="Build or refresh the training index (and packed codes) of corpus folders.",
+        epilog="Config words: yaml=<training config> (its data_dirs), nj=N processes, index_rebuild=true, "
+        "index_root=..., pack_codes=false; help=true lists every field.",
+    )
+    parser.add_argument("folders", nargs="*", help="corpus folders (default: data_dirs of the config)")
+    args = parser.parse_args(rest)
+    folders = args.folders or list(cfg.data_dirs)
+    if not folders:
+        print("error: name a corpus folder, or a yaml= whose data_dirs lists them", file=sys.stderr)
+        return 2
+    setup_logging()
+    status = 0
+    for folder in folders:
+        try:
+            index = open_index(folder, cfg.index_root, cfg.index_check, cfg.pack_codes, cfg.index_rebuild, cfg.nj)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            status = 2
+            continue
+        counts = np.bincount(np.asarray(index.status), minlength=4)
+        hours = float(np.asarray(index.n_frames, dtype=np.int64).sum()) / 75 / 3600
+        print(
+            f"{folder}: {len(index)} utterances, {hours:.1f} h, {len(index.symbols)} phone symbols; "
+            f"{counts[NO_PHONES]} without phones, {counts[BAD_CODES] + counts[BAD_PHONES]} unreadable; "
+            f"index {index.gen} ({'packed' if index.packed else 'not packed'})"
+        )
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
