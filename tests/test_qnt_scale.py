@@ -214,3 +214,25 @@ def test_full_disk_and_read_only_stop_cleanly_and_rerun_finishes(espeak_corpus: 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"{8 - len(done)} written" in proc.stdout and f"{len(done)} already done" in proc.stdout
     assert len(list(out.rglob("*.qnt.pt"))) == len(list(out.rglob("*.normalized.txt"))) == 8
+
+
+def test_long_files_are_refused_with_what_to_do(espeak_corpus: Path, tmp_path: Path) -> None:
+    wav = find_files(espeak_corpus, ".wav")[0]
+    shutil.copy(wav, tmp_path / "long.wav")
+    summary = qnt.quantize_folder(tmp_path, max_seconds=0.5, progress=False, **UNTRAINED)
+    assert summary.written == 0 and len(summary.failed) == 1 and not (tmp_path / "long.qnt.pt").exists()
+    assert "cut it into utterances, or use a segment manifest" in summary.failed[0][1]
+
+
+def test_int16_on_disk_and_every_reader_accepts_int64(tmp_path: Path) -> None:
+    from vall_e.data import load_codes
+
+    codes = torch.randint(0, 1024, (1, 8, 37))
+    qnt.save_codes(codes, tmp_path / "a.qnt.pt")
+    torch.save(codes, tmp_path / "old.qnt.pt")  # an int64 file from before
+    assert torch.load(tmp_path / "a.qnt.pt", weights_only=True).dtype == torch.int16
+    for name in ("a", "old"):
+        loaded = load_codes(tmp_path / f"{name}.qnt.pt")
+        assert loaded.dtype == torch.int64 and torch.equal(loaded, codes[0].t())
+    with pytest.raises(ValueError, match="out of range"):
+        qnt.save_codes(torch.full((1, 8, 3), 1024), tmp_path / "b.qnt.pt")
