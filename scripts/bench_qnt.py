@@ -8,7 +8,9 @@ Fabricates (or reuses, in ``--workdir``) a folder of espeak-ng speech files whos
 follow LibriTTS's shape (lognormal, median 4.7 s, sigma 0.6, clipped to 1..35 s) until
 ``--seconds`` of audio, then encodes it with ``quantize_folder`` once per ``--batch-seconds``
 value and reports ``audio_s_per_wall_s`` (audio seconds encoded per wall second, codec already
-loaded; reading, resampling and writing included). It also encodes one 35 s file (LibriTTS's
+loaded; reading, resampling and writing included) and, for each later run, the fraction of codes
+equal to the first run's (``code_agreement_with_first_run``: batched vs one file per pass, or
+float32/bf16 on CUDA vs the first setting). It also encodes one 35 s file (LibriTTS's
 longest utterance) in a fresh process and reports its peak resident memory: ``peak_rss_mb_35s``
 for the whole process (torch, the codec and its float64 copy included) and
 ``encode_peak_rss_mb_35s`` for the encoding alone (the kernel's peak counter is reset after the
@@ -158,6 +160,7 @@ def main() -> None:
         "files": None,
         "runs": [],
     }
+    reference = None
     for batch_seconds in args.batch_seconds:
         for p in corpus.rglob("*.qnt.pt"):
             p.unlink()
@@ -169,8 +172,15 @@ def main() -> None:
         assert summary.ok, summary.report()
         result["audio_s"] = round(summary.seconds_of_audio, 1)
         result["files"] = summary.written
-        result["runs"].append({"batch_seconds": batch_seconds, "wall_s": round(wall, 2),
-                               "audio_s_per_wall_s": round(summary.seconds_of_audio / wall, 2)})
+        run = {"batch_seconds": batch_seconds, "wall_s": round(wall, 2),
+               "audio_s_per_wall_s": round(summary.seconds_of_audio / wall, 2)}
+        codes = {p: torch.load(p, weights_only=True) for p in sorted(corpus.rglob("*.qnt.pt"))}
+        if reference is None:
+            reference = codes
+        else:  # agreement of this run's codes with the first run's (e.g. batched vs one file per pass)
+            same = sum(int((codes[p] == reference[p]).sum()) for p in codes)
+            run["code_agreement_with_first_run"] = round(same / sum(c.numel() for c in codes.values()), 6)
+        result["runs"].append(run)
     result["audio_s_per_wall_s"] = max(r["audio_s_per_wall_s"] for r in result["runs"])
     if not args.skip_memory:
         result.update(peak_memory_35s(workdir, args.device, args.codec_weights))

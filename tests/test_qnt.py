@@ -82,8 +82,11 @@ def test_untrained_codec_is_reproducible_and_matches_data_test(monkeypatch) -> N
     state = torch.random.get_rng_state()
     for name in ("test", "test2"):
         shipped = torch.load(REPO / "data" / "test" / f"{name}.qnt.pt")
-        assert shipped.dtype == torch.int64 and shipped.shape[:2] == (1, 8)
-        assert torch.equal(qnt.encode_from_file(REPO / "data" / "test" / f"{name}.wav", **UNTRAINED), shipped)
+        assert shipped.dtype == torch.int64 and shipped.shape[:2] == (1, 8)  # an older int64 file
+        codes = qnt.encode_from_file(REPO / "data" / "test" / f"{name}.wav", **UNTRAINED)
+        # Since the fixture was made, a partial last frame is completed with zeros instead of
+        # EnCodec's reflect padding (so batching cannot change it): only that frame may differ.
+        assert codes.shape == shipped.shape and torch.equal(codes[..., :-1], shipped[..., :-1])
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
@@ -99,6 +102,11 @@ def test_batched_codes_equal_single_codes(prepared_corpus: Path, tmp_path: Path)
     for p in wavs:
         single = torch.load(prepared_corpus / sibling(p, ".qnt.pt").relative_to(tmp_path))
         assert torch.equal(torch.load(sibling(p, ".qnt.pt")), single)
+    # the last, partial frame too: lengths that are not whole frames, next to a longer signal
+    wav = qnt.to_codec_input(*qnt.load_audio(wavs[0]))
+    clips = [wav[: 24_000 * k // 4 + 17 * k] for k in (4, 5, 6, 7)] + [wav]
+    alone = [qnt.encode_batch([c], **UNTRAINED)[0] for c in clips]
+    assert all(torch.equal(a, b) for a, b in zip(alone, qnt.encode_batch(clips, **UNTRAINED)))
     assert qnt._batches([(Path(str(i)), float(i)) for i in range(1, 9)], 12.0) == [
         [(Path("8"), 8.0)], [(Path("7"), 7.0)], [(Path("6"), 6.0), (Path("5"), 5.0)],
         [(Path("4"), 4.0), (Path("3"), 3.0), (Path("2"), 2.0)], [(Path("1"), 1.0)],

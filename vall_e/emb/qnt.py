@@ -419,8 +419,8 @@ def encode_batch(
     """Codes for several mono 24 kHz signals ``(n_i,)`` in one forward pass.
 
     Returns one int64 CPU tensor ``(1, 8, ceil(n_i / 320))`` per input. Signals are zero-padded
-    at the end to a common length; the 24 kHz model is causal, so each signal's own frames are the
-    same as when it is encoded alone. ``dtype`` defaults to float64 on CPU and float32 on CUDA
+    at the end to whole frames and a common length; the 24 kHz model is causal, so each signal's
+    own frames are the same as when it is encoded alone (the last frame included: see below). ``dtype`` defaults to float64 on CPU and float32 on CUDA
     (``"bfloat16"`` is accepted too). In float64 the codes depend on the audio alone: in float32,
     kernels chosen per batch size (or device) differ in the last bits and flip near-tied
     nearest-codebook choices, so codes would depend on batch composition (float64 costs about
@@ -441,7 +441,11 @@ def encode_batch(
     if bf16:
         dtype = torch.float32  # float32 weights under bf16 autocast: see _encode_padded
     model = load_codec(codec_weights, device, dtype=dtype)
-    batch = torch.zeros(len(wavs), 1, max(lengths), dtype=dtype)
+    # Zero-padded to whole frames, alone or in a batch. Otherwise a signal's last partial frame
+    # would see EnCodec's reflect end-padding when encoded alone but the zeros of a longer
+    # neighbour when batched (measured: the last frame's codes differed). With whole frames the
+    # causal model never pads on the right, so each row's codes are the same in any batch.
+    batch = torch.zeros(len(wavs), 1, num_frames(max(lengths)) * HOP_LENGTH, dtype=dtype)
     for i, w in enumerate(wavs):
         batch[i, 0, : lengths[i]] = w
     chunk_frames = max(1, int(chunk_seconds * FRAME_RATE))
