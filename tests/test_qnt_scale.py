@@ -236,3 +236,22 @@ def test_int16_on_disk_and_every_reader_accepts_int64(tmp_path: Path) -> None:
         assert loaded.dtype == torch.int64 and torch.equal(loaded, codes[0].t())
     with pytest.raises(ValueError, match="out of range"):
         qnt.save_codes(torch.full((1, 8, 3), 1024), tmp_path / "b.qnt.pt")
+
+
+def test_streaming_workers_and_float32_batches(espeak_corpus: Path, tmp_path: Path) -> None:
+    """The path CUDA takes by default (DataLoader workers decoding audio, batched float32), run on
+    CPU: same files, and codes that agree with float64 single-file codes (bit-exactness is
+    float64's; float32 may flip near-tied choices)."""
+    corpus = tmp_path / "c"
+    shutil.copytree(espeak_corpus, corpus, ignore=shutil.ignore_patterns("*_00000[34].*"))
+    proc = run("-m", "vall_e.emb.qnt", str(corpus), "codec_weights=untrained", "device=cpu",
+               "--workers", "1", "--batch-seconds", "30", "--dtype", "float32")
+    assert proc.returncode == 0 and "4 written" in proc.stdout, proc.stdout + proc.stderr
+    same = total = 0
+    for wav in find_files(corpus, ".wav"):
+        codes = torch.load(wav.with_name(wav.name.split(".")[0] + ".qnt.pt"), weights_only=True)
+        exact = qnt.encode_from_file(wav, **UNTRAINED)
+        assert codes.shape == exact.shape
+        same += int((codes.long() == exact).sum())
+        total += exact.numel()
+    assert same / total > 0.99
