@@ -1020,7 +1020,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = cfg.device
-    if device == "cuda" and world > 1:  # one GPU per rank, on every node
+    if device == "cuda" and world > 1 and torch.cuda.is_available():  # one GPU per rank, on every node
+        if local_rank >= torch.cuda.device_count():
+            print(f"error: LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s); "
+                  "start at most one rank per GPU (--nproc_per_node)", file=sys.stderr)
+            return 2
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
     merged = init_gloo_for_summary(world)
