@@ -710,9 +710,10 @@ def read_manifest(
     manifest = Path(manifest)
     out_folder = Path(out_folder)
     opener = gzip.open if manifest.name.endswith(".gz") else open
-    items: list[Item] = []
+    items: dict[Path, Item] = {}  # by output; insertion order is manifest order
+    line_of: dict[Path, int] = {}  # output -> the first line that names it
+    collided: set[Path] = set()
     failed: list[tuple[str, str]] = []
-    first_line: dict[Path, tuple[int, int | None]] = {}  # out -> (line, index in items or None)
     n = 0
     with opener(manifest, "rt", encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -727,36 +728,41 @@ def read_manifest(
                 failed.append((where, f"not a segment line ({type(e).__name__}: {e}); expected JSON with "
                                "id, audio, start, end, text, speaker"))
                 continue
-            for what, value in (("id", uid), ("speaker", spk)):
-                if not _SAFE_NAME.match(value) or (what == "id" and "." in value) or value in (".", ".."):
-                    failed.append((where, f"{what} {value!r} cannot be a file name (no '/', '\\', leading "
-                                   "dot" + (", or any dot: the id is the name before the first dot" if what == "id" else "") + ")"))
-                    break
-            else:
-                if not (0 <= start < end):
-                    failed.append((where, f"start={start} end={end}: need 0 <= start < end (seconds)"))
-                    continue
-                if end - start > max_seconds:
-                    failed.append((where, f"segment of {end - start:.0f} s is over the {max_seconds:.0f} s limit "
-                                   "(--max-seconds); cut it into shorter segments"))
-                    continue
-                out = out_folder / spk / f"{uid}{QNT_SUFFIX}"
-                if out in first_line:
-                    other, index = first_line[out]
-                    reason = (f"id collision: lines {other} and {n} of {manifest} both write {out}; "
-                              "give each segment a unique id per speaker")
-                    failed.append((where, reason))
-                    if index is not None:  # the first line fails too: which one is right is unknown
-                        failed.append((f"{manifest}:{other}", reason))
-                        items[index] = None  # type: ignore[call-overload]
-                        first_line[out] = (other, None)
-                    continue
-                path = Path(audio).expanduser()
-                if not path.is_absolute():
-                    path = manifest.parent / path
-                first_line[out] = (n, len(items))
-                items.append(Item(path, out, end - start, start, end, text, f"{where} ({uid})"))
-    return [it for it in items if it is not None], failed, n
+            problem = _segment_problem(uid, spk, start, end, max_seconds)
+            if problem:
+                failed.append((where, problem))
+                continue
+            out = out_folder / spk / f"{uid}{QNT_SUFFIX}"
+            if out in line_of:  # both lines fail: which one is right is unknown
+                reason = (f"id collision: lines {line_of[out]} and {n} of {manifest} both write {out}; "
+                          "give each segment a unique id per speaker")
+                failed.append((where, reason))
+                if out not in collided:
+                    collided.add(out)
+                    failed.append((f"{manifest}:{line_of[out]}", reason))
+                    del items[out]
+                continue
+            path = Path(audio).expanduser()
+            if not path.is_absolute():
+                path = manifest.parent / path
+            line_of[out] = n
+            items[out] = Item(path, out, end - start, start, end, text, f"{where} ({uid})")
+    return list(items.values()), failed, n
+
+
+def _segment_problem(uid: str, speaker: str, start: float, end: float, max_seconds: float) -> str | None:
+    """What is wrong with a manifest line's names and times, or None."""
+    for what, value in (("id", uid), ("speaker", speaker)):
+        if not _SAFE_NAME.match(value) or value == "..":
+            return f"{what} {value!r} cannot be a file name (no '/', '\\' or leading dot)"
+    if "." in uid:
+        return f"id {uid!r} contains a dot: an utterance id is the name before the first dot; replace the dots"
+    if not 0 <= start < end:
+        return f"start={start} end={end}: need 0 <= start < end (seconds)"
+    if end - start > max_seconds:
+        return (f"segment of {end - start:.0f} s is over the {max_seconds:.0f} s limit (--max-seconds); "
+                "cut it into shorter segments")
+    return None
 
 
 class _AudioSet:
