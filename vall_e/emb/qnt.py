@@ -674,6 +674,8 @@ def plan_folder(
                 failed.append((str(path), (
                     f"id collision: {names} (in {parent}) all map to the id {uid!r} (the name before the "
                     f"first dot) and would write one {uid}{QNT_SUFFIX}; rename them so each id is unique"
+                    + ("" if len({p.suffix.lower() for p in paths}) == 1 else
+                       ", or pick one format with --suffix (e.g. --suffix .wav)")
                 )))
             continue
         path = paths[0]
