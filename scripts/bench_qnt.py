@@ -48,8 +48,7 @@ def status(key):
             return int(line.split()[1]) / 1024
     return float("nan")
 device, weights, path = sys.argv[1:4]
-qnt.load_codec(weights, device)
-qnt.load_codec(weights, device, dtype=qnt._encoder_dtype(device))
+qnt.encode_batch([torch.zeros(320)], device=device, codec_weights=weights)  # loads the codec and its encoder copy
 loaded = status("VmRSS")
 load_peak = status("VmHWM")  # per address space: fresh after exec (ru_maxrss is not: it inherits the parent's)
 try:
@@ -148,7 +147,7 @@ def main() -> None:
     corpus = fabricate(workdir, args.seconds)
     t0 = time.time()
     qnt.load_codec(args.codec_weights, args.device)
-    qnt.load_codec(args.codec_weights, args.device, dtype=qnt._encoder_dtype(args.device, args.dtype))
+    qnt.encode_batch([torch.zeros(320)], args.device, args.codec_weights, args.dtype)  # the encoder's copy too
     result: dict = {
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
