@@ -163,7 +163,8 @@ def test_shards_workers_and_torchrun_write_the_same_files(espeak_corpus: Path, t
 
     _copy_transcripts(espeak_corpus, tmp_path / "shards")
     parts = [g2p.phonemize_folder(tmp_path / "shards", progress=False, rank=r, world_size=2) for r in (0, 1)]
-    assert [s.written for s in parts] == [4, 4] and [s.skipped for s in parts] == [0, 0]
+    assert sum(s.written for s in parts) == 8 and min(s.written for s in parts) >= 2
+    assert [s.skipped for s in parts] == [0, 0]  # disjoint shards: nobody found another's file
     assert outputs(tmp_path / "shards") == expected
 
     _copy_transcripts(espeak_corpus, tmp_path / "workers")

