@@ -222,3 +222,15 @@ def test_bad_codec_weights_path(tmp_path: Path) -> None:
     torch.save({"weight": torch.zeros(2)}, bogus)
     with pytest.raises(qnt.CodecUnavailableError, match="not an EnCodec 24 kHz state dict"):
         qnt.load_codec(str(bogus))
+
+
+def test_chunked_encoder_equals_one_pass(speech) -> None:
+    """Long signals run the conv stack in 5 s chunks (bounded memory); codes equal one whole pass."""
+    wav, sr = speech
+    x = qnt.to_codec_input(wav, sr)
+    x = torch.cat([x] * (1 + int(7 * 24_000 / len(x))))[: 7 * 24_000 + 123]  # 7 s, a partial last frame
+    chunked = qnt.encode_batch([x], **UNTRAINED)[0]
+    whole = qnt.encode_batch([x], chunk_seconds=1e9, **UNTRAINED)[0]
+    small = qnt.encode_batch([x], chunk_seconds=1.0, **UNTRAINED)[0]
+    assert chunked.shape == (1, 8, qnt.num_frames(len(x)))
+    assert torch.equal(chunked, whole) and torch.equal(small, whole)

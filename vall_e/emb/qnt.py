@@ -353,8 +353,9 @@ def to_codec_input(wav: "torch.Tensor", sr: int) -> "torch.Tensor":
 # encode / decode
 
 
-# The SEANet conv stack before the encoder's LSTM sees less than 2 frames (640 samples) of past
-# audio (measured: 2 and 32 frames of context give the same output to 4e-13). Long signals go
+# The SEANet conv stack before the encoder's LSTM has a receptive field of 798 samples: a frame's
+# own 320 plus 478 of past audio, under 2 frames (measured: 2 and 32 frames of left context give
+# the same output to 4e-13, and the same codes). Long signals go
 # through it in chunks with this much left context, so activation memory stays bounded by the
 # chunk, not the file; the LSTM and the quantizer then run on the whole (small) 75 Hz sequence.
 CHUNK_CONTEXT_FRAMES = 8
