@@ -623,10 +623,17 @@ def _run_tasks(tasks: Sequence[tuple], nj: int, progress: bool, n_files: int) ->
             import multiprocessing as mp
 
             # spawn: the caller may run gloo/DeepSpeed threads, which a fork could catch holding a lock
-            with mp.get_context("spawn").Pool(min(nj, len(tasks))) as pool:
+            pool = mp.get_context("spawn").Pool(min(nj, len(tasks)))
+            try:
                 for res in pool.imap(_pack_block, tasks):
                     results.append(res)
                     bar.update(len(res))
+                pool.close()  # let the workers exit on their own (terminating them aborts torch's threads)
+            except BaseException:
+                pool.terminate()
+                raise
+            finally:
+                pool.join()
         else:
             for task in tasks:
                 res = _pack_block(task)
