@@ -2,6 +2,9 @@
 
     python scripts/bench_data.py --utterances 100000 --workdir /tmp/bench_data
 
+About 25 minutes on 2 CPU cores, most of it the training comparison at the quarter recipe's budget
+(64k padded positions per step; ~15 GB of memory in fp32).
+
 The corpus (made once, reused when ``--workdir`` already holds one of that size) has LibriTTS's shape
 without its audio: ``<speaker>/<chapter>/<id>.qnt.pt`` (random int16 codes ``(1, 8, T)``) and
 ``<id>.phn.txt``, with lognormal durations (median 4.7 s, sigma 0.6, clipped to 1..35 s), 13.5
@@ -19,7 +22,8 @@ Keys (DESIGN.md, "Training data at scale"):
 - ``pad_fraction``, ``max_padded_over_budget``: over the first 2,000 batches of the recipe's budget;
 - ``resume_s_1m``: a sampler resumed at batch 1,000,000 producing its first batch;
 - ``useful_frames_speedup``: response frames per second of ar-quarter training steps on CPU with the
-  bucketed batches over plain random batches of the same padded budget (both measured here);
+  bucketed batches over plain random batches of the same padded budget (the recipe's unless
+  ``--train-budget``), alternating step by step in one run;
 - ``read_packed_ms`` / ``read_file_ms``: reading one example's codes from the packed shards / its file;
 - ``recipe_hours_kept``: share of the corpus hours config/LibriTTS/ar.yml's filters keep.
 """
@@ -169,27 +173,43 @@ def _padding(bundle, batches: int = 2000) -> dict[str, float]:
 
 
 def _read_costs(bundle, n: int = 300) -> dict[str, float]:
-    """Milliseconds to read one example's codes from the packed shards and from its ``.qnt.pt``."""
+    """Milliseconds to read one example's codes from the packed shards and from its ``.qnt.pt``.
+
+    Each way reads the same examples twice and times the second pass, so both run from a warm page
+    cache (a cold cache measures the disk, not the format).
+    """
     from vall_e.data import load_codes
 
     rng = np.random.default_rng(0)
-    rows = rng.choice(bundle.train, n, replace=False)
+    rows = rng.choice(bundle.train, n, replace=False).tolist()
     corpus = bundle.corpus
-    t0 = time.time()
-    for r in rows.tolist():
-        k, i = corpus.locate(r)
-        corpus.indexes[k].codes(i)
-    packed = (time.time() - t0) / n
-    t0 = time.time()
-    for r in rows.tolist():
-        load_codes(corpus.qnt_path(r))
-    files = (time.time() - t0) / n
-    return {"read_packed_ms": round(packed * 1e3, 3), "read_file_ms": round(files * 1e3, 3)}
+
+    def packed() -> None:
+        for r in rows:
+            k, i = corpus.locate(r)
+            corpus.indexes[k].codes(i)
+
+    def files() -> None:
+        for r in rows:
+            load_codes(corpus.qnt_path(r))
+
+    out = {}
+    for name, read in (("read_packed_ms", packed), ("read_file_ms", files)):
+        read()
+        t0 = time.time()
+        read()
+        out[name] = round((time.time() - t0) / n * 1e3, 3)
+    return out
 
 
 def _training_speedup(bundle, budget: int, steps: int) -> dict[str, float]:
-    """Response frames per second of ar-quarter steps on CPU: bucketed vs plain random batches."""
+    """Response frames per second of ar-quarter training steps on CPU: bucketed vs plain random batches.
+
+    Both use the same padded budget. Steps alternate between the two (after one warm-up step each), so
+    anything else running on the machine slows both alike.
+    """
     import torch
+    from tqdm import tqdm
 
     from vall_e.data import collate
     from vall_e.models import get_model
@@ -198,21 +218,22 @@ def _training_speedup(bundle, budget: int, steps: int) -> dict[str, float]:
     model = get_model("ar-quarter", n_text_tokens=len(bundle.phone_map) + 1).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ds = bundle.dataset()
-    out = {}
-    for name, bucket_batches in (("bucketed", bundle.cfg.bucket_batches or 64), ("random", 0)):
-        sampler = bundle.sampler(rank=0, batch_frames=budget, bucket_batches=bucket_batches)
-        frames, seconds = 0, 0.0
-        for k in range(steps + 1):
+    modes = {"bucketed": bundle.cfg.bucket_batches or 64, "random": 0}
+    samplers = {name: bundle.sampler(rank=0, batch_frames=budget, bucket_batches=bb) for name, bb in modes.items()}
+    frames = dict.fromkeys(modes, 0)
+    seconds = dict.fromkeys(modes, 0.0)
+    for k in tqdm(range(steps + 1), desc=f"training ar-quarter at batch_frames={budget}", unit="step pair"):
+        for name, sampler in samplers.items():
             batch = collate([ds[d] for d in sampler.batch(k)])
             t0 = time.time()
-            loss = model(batch["text"], batch["proms"], batch["resps"]).loss
-            loss.backward()
+            model(batch["text"], batch["proms"], batch["resps"]).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if k:  # the first step warms up allocators and kernels
-                seconds += time.time() - t0
-                frames += sum(len(r) for r in batch["resps"])
-        out[f"{name}_frames_per_s"] = round(frames / seconds, 1)
+            if k:  # the first step of each warms up allocators and kernels
+                seconds[name] += time.time() - t0
+                frames[name] += sum(len(r) for r in batch["resps"])
+    out = {f"{name}_frames_per_s": round(frames[name] / seconds[name], 1) for name in modes}
+    out["train_budget"] = budget
     out["useful_frames_speedup"] = round(out["bucketed_frames_per_s"] / out["random_frames_per_s"], 3)
     return out
 
@@ -250,10 +271,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--utterances", type=int, default=100_000)
     parser.add_argument("--workdir", default="/tmp/vall_e_bench_data")
-    parser.add_argument("--recipe", default=str(REPO / "config/LibriTTS/ar.yml"), help="filters and batch budget")
+    parser.add_argument("--recipe", default=str(REPO / "config/LibriTTS/ar-quarter.yml"),
+                        help="filters and batch budget (default: the quarter AR's, whose training the speedup measures)")
     parser.add_argument("--nj", type=int, default=2, help="processes building the index")
-    parser.add_argument("--train-budget", type=int, default=6000, help="batch_frames of the CPU training comparison")
-    parser.add_argument("--train-steps", type=int, default=8)
+    parser.add_argument("--train-budget", type=int, default=0, help="batch_frames of the CPU training comparison (0: the recipe's)")
+    parser.add_argument("--train-steps", type=int, default=4, help="measured steps per batching mode")
     parser.add_argument("--skip-build", action="store_true", help="reuse an existing index (index_build_s = null)")
     parser.add_argument("--activations", action="store_true", help="also measure activation kB per token (quarter, full)")
     args = parser.parse_args()
@@ -289,7 +311,7 @@ def main() -> None:
     result.update(_read_costs(bundle))
     result.update(_loader_speed(bundle))
     result.update(_worker_memory(bundle))
-    result.update(_training_speedup(bundle, args.train_budget, args.train_steps))
+    result.update(_training_speedup(bundle, args.train_budget or bundle.cfg.batch_frames, args.train_steps))
     if args.activations:
         result["activation_kb_per_token"] = {p: activation_kb_per_token(p) for p in ("ar-quarter", "ar")}
     print(json.dumps(result))
