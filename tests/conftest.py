@@ -1,7 +1,8 @@
 """Shared fixtures: a fresh espeak-ng corpus, and a copy of it tokenized by the real tools.
 
 Both fixtures are session-scoped and shared by every test: treat them as read-only (copy them
-with ``shutil.copytree`` before changing anything).
+with ``shutil.copytree`` before changing anything). Training on a corpus writes its index into
+``<corpus>/.vall_e/``: skip hidden folders when listing speakers.
 """
 
 from __future__ import annotations

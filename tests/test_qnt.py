@@ -92,7 +92,7 @@ def test_untrained_codec_is_reproducible_and_matches_data_test(monkeypatch) -> N
 
 def test_batched_codes_equal_single_codes(prepared_corpus: Path, tmp_path: Path) -> None:
     """The folder runner in batched mode (zero-padded batches) writes the one-file-per-pass codes."""
-    speaker = sorted(p for p in prepared_corpus.iterdir() if p.is_dir())[0]
+    speaker = sorted(p for p in prepared_corpus.iterdir() if p.is_dir() and not p.name.startswith("."))[0]
     corpus = tmp_path / speaker.name
     shutil.copytree(speaker, corpus, ignore=shutil.ignore_patterns("*.qnt.pt"))
     wavs = find_files(corpus, ".wav")
