@@ -59,13 +59,17 @@ class InferenceFileError(RuntimeError):
     """An inference file that cannot be used; the message names the path and what to do."""
 
 
-def _deepspeed_safe_globals() -> list[Any]:
-    """DeepSpeed classes that may appear pickled inside a model-states file (plain data holders)."""
+def deepspeed_safe_globals() -> list[Any]:
+    """DeepSpeed classes that may appear pickled inside its checkpoint files (plain data holders).
+
+    Shared with training resume (:func:`vall_e.utils.engines.make_loads_safe`).
+    """
     found: list[Any] = []
     for module, name in (
         ("deepspeed.utils.tensor_fragment", "fragment_address"),
         ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
         ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+        ("deepspeed.runtime.zero.config", "ZeroStageEnum"),  # in ZeRO optimizer shards (training resume)
     ):
         try:
             found.append(getattr(__import__(module, fromlist=[name]), name))
@@ -89,7 +93,7 @@ def _load_states(path: Path, trust_checkpoint: bool) -> dict[str, Any]:
     except pickle.UnpicklingError:
         pass  # retried below with DeepSpeed's data classes allowed (importing DeepSpeed is slow, so only now)
     try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         blocked = re.findall(r"GLOBAL ([\w.]+)", str(e))

@@ -7,11 +7,18 @@ mixed precision and ZeRO stage. On CPU (tests, laptops) the gloo backend and ful
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import re
+import socket
+import time
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 
 from ..config import Config
 
@@ -76,29 +83,368 @@ def build_engine(cfg: Config, model: torch.nn.Module):
     return engine
 
 
+# ----------------------------------------------------------------------------------------------
+# checkpoints: whole or absent, newest usable first, loaded without full unpickling
+
+CKPT_TAG = re.compile(r"^global_step(\d+)$")
+PARTIAL_PREFIX = ".partial-"  # a save in progress: never taken for a checkpoint
+META_FILE = "vall_e.json"  # written into each checkpoint folder: readable without unpickling anything
+LOCK_FILE = ".lock"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be used as it is; the message says what to do (exit 2)."""
+
+
 def latest_tag(ckpt_dir: Path) -> str | None:
-    """The tag DeepSpeed's ``latest`` file points to, or ``None`` without a checkpoint."""
+    """The tag DeepSpeed's ``latest`` file points to, or ``None`` when it is missing or empty."""
     latest = Path(ckpt_dir) / "latest"
-    if not latest.is_file():
+    try:
+        tag = latest.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    tag = latest.read_text().strip()
     return tag or None
 
 
-def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any]) -> None:
-    """Save under ``ckpt_dir/global_step<step>`` and point ``latest`` at it (collective: all ranks call)."""
-    engine.save_checkpoint(str(ckpt_dir), tag=f"global_step{step}", client_state=client_state, save_latest=True)
+def checkpoint_tags(ckpt_dir: Path) -> list[str]:
+    """Every ``global_step<N>`` folder in ``ckpt_dir``, newest (largest N) first."""
+    try:
+        entries = [p for p in Path(ckpt_dir).iterdir() if p.is_dir() and CKPT_TAG.match(p.name)]
+    except FileNotFoundError:
+        return []
+    return [p.name for p in sorted(entries, key=lambda p: int(CKPT_TAG.match(p.name).group(1)), reverse=True)]
 
 
-def load_checkpoint(engine, ckpt_dir: Path) -> dict[str, Any] | None:
-    """Restore model, optimizer, scheduler and our client state from ``latest``; ``None`` if absent."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
+def tag_step(tag: str) -> int:
+    m = CKPT_TAG.match(tag)
+    return int(m.group(1)) if m else -1
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint, or ``None`` when it looks whole.
+
+    Cheap: every ``.pt`` file must end in an intact zip directory (``torch.save`` writes a zip
+    whose directory comes last, so a truncated file fails here without reading its data).
+    Damage in the middle of a file shows up when it is loaded, which falls back the same way.
+    """
+    files = sorted(folder.glob("*.pt"))
+    if not any(f.name.endswith("model_states.pt") for f in files):
+        return "no *model_states.pt file in it (a save that did not finish?)"
+    for f in files:
+        try:
+            with zipfile.ZipFile(f) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            return f"{f.name} is truncated or corrupt ({e})"
+    return None
+
+
+def resume_candidates(ckpt_dir: Path) -> list[str]:
+    """The checkpoint tags to try, best first; ``[]`` for a fresh run.
+
+    ``latest`` is followed when it names a complete checkpoint (a hand-edited ``latest`` rolls a
+    run back); otherwise the newest complete ``global_step<N>`` is used, with a warning. Folders
+    that are not whole are skipped with a warning naming them.
+
+    Raises:
+        CheckpointError: checkpoints exist (or ``latest`` names one) but none is usable: starting
+            from step 0 there would overwrite a run, so the user decides.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    tags = checkpoint_tags(ckpt_dir)
+    latest = latest_tag(ckpt_dir)
+    if latest is not None and latest in tags:
+        newer = [t for t in tags if tag_step(t) > tag_step(latest)]
+        if newer:
+            _logger.warning("%s/latest names %s but newer checkpoints exist (%s): resuming from %s as latest says",
+                            ckpt_dir, latest, ", ".join(newer), latest)
+        order = [latest] + [t for t in tags if tag_step(t) < tag_step(latest)]
+    else:
+        if latest is None and tags:
+            _logger.warning("%s/latest is missing or empty although checkpoints exist: using the newest complete one",
+                            ckpt_dir)
+        elif latest is not None and tags:
+            _logger.warning("%s/latest names %r, which does not exist: using the newest complete checkpoint",
+                            ckpt_dir, latest)
+        elif latest is not None:
+            raise CheckpointError(
+                f"{ckpt_dir}/latest names the checkpoint {latest!r} but {ckpt_dir} holds no global_step* folder. "
+                f"Put that checkpoint back to resume, or delete {ckpt_dir}/latest to start this run from step 0."
+            )
+        order = tags
+    usable, problems = [], []
+    for tag in order:
+        problem = checkpoint_problem(ckpt_dir / tag)
+        if problem is None:
+            usable.append(tag)
+        else:
+            problems.append(f"{ckpt_dir / tag}: {problem}")
+            _logger.warning("skipping checkpoint %s: %s", ckpt_dir / tag, problem)
+    if order and not usable:
+        raise no_usable_checkpoint(ckpt_dir, problems)
+    return usable
+
+
+def no_usable_checkpoint(ckpt_dir: Path, problems: list[str]) -> CheckpointError:
+    listing = "\n  ".join(problems)
+    return CheckpointError(
+        f"{ckpt_dir} holds checkpoints but none can be used:\n  {listing}\n"
+        f"Training does not start over them from step 0. Restore a good checkpoint into {ckpt_dir}, or move "
+        f"the folder away (or pick another ckpt_root=/name=) to start a new run."
+    )
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    """The ``vall_e.json`` a checkpoint folder carries (model preset, hparams, step), if any."""
+    try:
+        return json.loads((Path(folder) / META_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return None
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-    if path is None:
-        raise RuntimeError(
-            f"{ckpt_dir}/latest points to {tag!r} but that checkpoint cannot be loaded; "
-            f"fix or delete {ckpt_dir}/latest to start over"
-        )
-    return client_state
+
+
+def _weights_only_load(path: str, map_location: Any = None) -> Any:
+    """``torch.load(weights_only=True)`` with the few DeepSpeed data classes its files may hold."""
+    from ..export import deepspeed_safe_globals
+
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def make_loads_safe(engine) -> None:
+    """Make ``engine`` read checkpoints with ``weights_only=True``.
+
+    DeepSpeed's torch checkpoint engine unpickles fully (``weights_only=False``), which runs any
+    code a planted file carries. Every DeepSpeed load (model states, ZeRO shards, optimizer files)
+    goes through ``engine.checkpoint_engine.load``, so replacing that one method covers them all.
+    """
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    ce = engine.checkpoint_engine
+    if not isinstance(ce, TorchCheckpointEngine):
+        raise RuntimeError(f"checkpoint engine {type(ce).__name__} is not supported: vall_e loads only through "
+                           "the torch engine, made weights-only")
+    ce.load = _weights_only_load  # instance attribute: shadows the unsafe method for this engine only
+
+
+def _gather(obj: Any) -> list[Any]:
+    """``obj`` from every rank (a one-element list without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def leader_decides(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on global rank 0 and give every rank its result, or its :class:`CheckpointError`.
+
+    Filesystem decisions (which checkpoint to resume, whether the lock is ours) are taken once,
+    so ranks never disagree and warnings are logged once.
+    """
+    from . import distributed
+
+    box: list[Any] = [None, None]
+    if distributed.is_global_leader():
+        try:
+            box = [fn(), None]
+        except CheckpointError as e:
+            box = [None, str(e)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise CheckpointError(box[1])
+    return box[0]
+
+
+def load_checkpoint(engine, ckpt_dir: Path, tags: list[str]) -> tuple[str, dict[str, Any]] | None:
+    """Restore the first of ``tags`` that every rank can load; ``None`` when ``tags`` is empty.
+
+    A checkpoint that fails to load on any rank (damaged data, a pickled object a weights-only load
+    refuses) is skipped with a warning and the next older one is tried. A size mismatch is not a
+    damaged checkpoint but another architecture: it stops with a message instead.
+    """
+    from . import distributed
+
+    if not tags:
+        return None
+    problems = []
+    for tag in tags:
+        error = None
+        try:
+            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+            if path is None:
+                error = "DeepSpeed found no loadable files in it"
+        except Exception as e:  # any failure here means this checkpoint is unusable on this rank
+            first = (str(e).strip().splitlines() or [""])[0]
+            error = f"{type(e).__name__}: {first[:400]}"
+            if "size mismatch" in str(e):
+                error = "size mismatch: " + first[:400]
+        errors = [e for e in _gather(error) if e is not None]
+        if not errors:
+            return tag, client
+        if any(e.startswith("size mismatch") for e in errors):
+            raise CheckpointError(
+                f"{ckpt_dir / tag} holds a model of another shape than model={engine.module.hparams.get('preset')} "
+                f"({errors[0]}). Resume with the model preset it was trained with, or start a new run elsewhere "
+                "(another name= or ckpt_root=; init_from= cannot change the shape either)."
+            )
+        problems.append(f"{ckpt_dir / tag}: {errors[0]}")
+        if distributed.is_global_leader():
+            _logger.warning("checkpoint %s cannot be loaded (%s): trying the next older one", ckpt_dir / tag, errors[0])
+    raise no_usable_checkpoint(Path(ckpt_dir), problems)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], meta: dict[str, Any],
+                    keep_last: int = 0) -> None:
+    """Save ``global_step<step>`` so that it appears whole or not at all (collective: all ranks call).
+
+    DeepSpeed writes into ``.partial-global_step<step>``; rank 0 then adds ``vall_e.json``, renames
+    the folder (atomic on one filesystem) and only then points ``latest`` at it. A kill or a full disk
+    at any moment leaves either the previous state or the new complete one. An existing
+    ``global_step<step>`` (e.g. a damaged one skipped at resume) is moved aside, never overwritten.
+    Then all but the newest ``keep_last`` older checkpoints are deleted (0 keeps all).
+    Checkpoint folders must be on a filesystem every rank shares (as DeepSpeed's ``latest`` assumes).
+    """
+    import shutil
+
+    from . import distributed
+    from .helpers import atomic_write_text
+
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"global_step{step}"
+    partial = ckpt_dir / f"{PARTIAL_PREFIX}{tag}"
+    if distributed.is_global_leader():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if partial.exists():
+            shutil.rmtree(partial)  # left by a save that was killed
+    distributed.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+    distributed.barrier()
+    if distributed.is_global_leader():
+        atomic_write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True), partial / META_FILE)
+        _fsync_dir(partial)
+        final = ckpt_dir / tag
+        if final.exists():
+            aside = ckpt_dir / f"{tag}.replaced-{time.strftime('%Y%m%dT%H%M%S')}"
+            os.rename(final, aside)
+            _logger.warning("%s already existed (a checkpoint that was skipped at resume?): moved it to %s", final, aside)
+        os.rename(partial, final)
+        _fsync_dir(ckpt_dir)
+        atomic_write_text(tag + "\n", ckpt_dir / "latest")
+        if keep_last > 0:
+            older = [t for t in checkpoint_tags(ckpt_dir) if tag_step(t) < step]
+            for old in older[max(keep_last - 1, 0):]:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
+# one run per checkpoint folder
+
+
+def _proc_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a reused pid apart), or ``None`` where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[-1].split()[19]  # field 22 (starttime), counted after the "(comm)" field
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = _proc_start(pid)
+    return start is None or now is None or now == start
+
+
+class RunLock:
+    """``<ckpt_dir>/.lock``: one training run per checkpoint folder.
+
+    Holds ``{"pid", "host", "start", "since"}`` of the run's rank 0. A second run refuses with a
+    message naming the holder; a lock whose process is gone from this host (e.g. after ``kill -9``)
+    is taken over with a warning. A lock from another host cannot be checked and must be removed
+    by hand when that run is known to be gone.
+    """
+
+    def __init__(self, ckpt_dir: Path):
+        self.path = Path(ckpt_dir) / LOCK_FILE
+        self.held = False
+
+    def _mine(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def acquire(self) -> None:
+        """Take the lock or raise :class:`CheckpointError` naming the run that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self._mine(), f)
+                self.held = True
+                return
+            try:
+                holder = json.loads(self.path.read_text())
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except FileNotFoundError:
+                continue  # released meanwhile: try again
+            except (OSError, ValueError, KeyError, TypeError):
+                holder, pid, host = None, -1, socket.gethostname()  # unreadable (a crash while writing it)
+            if host == socket.gethostname() and (pid < 0 or not _alive(pid, holder.get("start") if holder else None)):
+                _logger.warning("taking over the lock %s of a run that is gone (pid %s on %s)", self.path, pid, host)
+                try:
+                    os.rename(self.path, self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}"))
+                    os.unlink(self.path.with_name(f"{LOCK_FILE}.stale-{os.getpid()}"))
+                except FileNotFoundError:
+                    pass
+                continue
+            raise CheckpointError(
+                f"{self.path.parent} is in use by another training run (pid {pid} on host {host}, since "
+                f"{holder.get('since', '?')}). Two runs must not write the same checkpoints: wait for it or stop it, "
+                f"or give this run another name= or ckpt_root=. If that run is gone (e.g. its host crashed), "
+                f"delete {self.path}."
+            )
+        raise CheckpointError(f"could not take the lock {self.path}: it keeps changing; is another run starting?")
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours."""
+        if not self.held:
+            return
+        self.held = False
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+
+
+def remove_partial_saves(ckpt_dir: Path) -> None:
+    """Delete ``.partial-*`` folders: saves that a kill or a full disk interrupted (call under the lock)."""
+    import shutil
+
+    for p in sorted(Path(ckpt_dir).glob(f"{PARTIAL_PREFIX}*")):
+        _logger.warning("removing %s: a save that did not finish", p)
+        shutil.rmtree(p, ignore_errors=True)
