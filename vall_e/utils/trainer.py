@@ -6,6 +6,9 @@ Commands typed on the terminal while training runs (read by rank 0, broadcast to
 - ``eval``: evaluate now;
 - ``quit``: write a checkpoint, then exit with status 0.
 
+SIGTERM and SIGINT (cluster preemption, Ctrl-C) do what ``quit`` does: the current step finishes,
+every rank saves, and the process exits 0. A second signal ends the process at once.
+
 Stats go to the log as one JSON object per line (``scripts/plot.py`` draws them).
 """
 
@@ -14,7 +17,9 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -140,6 +145,7 @@ class Trainer:
         self.n_bad = 0
         self.bad_files: dict[str, str] = {}
         self.positions = [0, 0]  # since the last log: real sequence positions, positions after padding
+        self.stop_signal: str | None = None  # name of the first SIGTERM/SIGINT received
 
     # checkpoints -----------------------------------------------------------------------------
 
@@ -167,19 +173,28 @@ class Trainer:
 
     def save(self) -> None:
         t0 = time.time()
-        save_checkpoint(self.engine, self.cfg.ckpt_dir, self.state.step, self.client_state())
+        meta = {k: self.state.extra[k] for k in ("model", "hparams") if k in self.state.extra}
+        save_checkpoint(self.engine, self.cfg.ckpt_dir, self.state.step, self.client_state(), meta=meta,
+                        keep_last=self.cfg.keep_last_ckpts)
         if self.cfg.zero_stage < 3:
             check_replicas_in_sync(self.engine.module, self.state.step)
         _logger.info("saved checkpoint %s/global_step%d (%.1fs)", self.cfg.ckpt_dir, self.state.step, time.time() - t0)
 
     @staticmethod
-    def restore(engine, ckpt_dir: Path) -> TrainState | None:
-        """Load ``ckpt_dir/latest`` into ``engine`` and return the matching state, or ``None``."""
-        client = load_checkpoint(engine, ckpt_dir)
-        if client is None:
+    def restore(engine, ckpt_dir: Path, tags: list[str]) -> TrainState | None:
+        """Load the first usable of ``tags`` (see :func:`~.engines.resume_candidates`) into ``engine``.
+
+        Returns the matching state, or ``None`` for a fresh run (no tags).
+        """
+        from .engines import CheckpointError
+
+        loaded = load_checkpoint(engine, ckpt_dir, tags)
+        if loaded is None:
             return None
-        if CLIENT_KEY not in client:
-            raise RuntimeError(f"{ckpt_dir}: the latest checkpoint was not written by vall_e.train (no {CLIENT_KEY!r} state)")
+        tag, client = loaded
+        if CLIENT_KEY not in (client or {}):
+            raise CheckpointError(f"{ckpt_dir / tag} was not written by vall_e.train (no {CLIENT_KEY!r} state): "
+                                  "move it away, or use another name= or ckpt_root=")
         client = client[CLIENT_KEY]
         set_rng_state(client["rng"])
         consumed = int(client["consumed_batches"])
@@ -192,6 +207,37 @@ class Trainer:
         skip = {"step", "consumed_batches", "consumed_batches_per_rank", "rng", "version"}
         extra = {k: v for k, v in client.items() if k not in skip}
         return TrainState(step=int(client["step"]), consumed_batches=consumed, extra=extra)
+
+    # signals -----------------------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        """First SIGTERM/SIGINT: ask for a save at the next step boundary. Second: die of it now."""
+        if self.stop_signal is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.stop_signal = signal.Signals(signum).name
+        _logger.warning("%s received: saving a checkpoint after this step, then exiting (send it again to exit at once)",
+                        self.stop_signal)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Route SIGTERM/SIGINT to :meth:`_on_signal`; returns the previous handlers.
+
+        Installed before the loader forks its workers: they inherit the handler, so a Ctrl-C sent
+        to the whole process group does not kill them mid-batch.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return {}  # signal handlers can only be set from the main thread (e.g. an in-process test)
+        return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _signalled(self) -> str | None:
+        """The signal name if any rank received one (all ranks get the same answer)."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self.stop_signal
+        device = self.engine.device if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor([1 if self.stop_signal else 0], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return (self.stop_signal or "a signal on another rank") if int(t.item()) else None
 
     # loop --------------------------------------------------------------------------------------
 
@@ -283,7 +329,15 @@ class Trainer:
         return {k: (float(v) if k in summed else float(v) / n) for k, v in zip(keys, t.tolist())}
 
     def run(self) -> int:
-        """Train to ``max_iter`` (or until ``quit``); returns the process exit status."""
+        """Train to ``max_iter`` (or until ``quit`` or a signal); returns the process exit status."""
+        previous = self._install_signal_handlers()
+        try:
+            return self._run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> int:
         cfg, engine = self.cfg, self.engine
         if self.state.step >= cfg.max_iter:
             _logger.info("already at step %d >= max_iter=%d: nothing to do", self.state.step, cfg.max_iter)
@@ -321,10 +375,16 @@ class Trainer:
                 if self._check_bad_data():
                     return 2
             command = self.commands.poll()
+            stop = self._signalled()
+            if stop:
+                command = "quit"
             if step % cfg.save_ckpt_every == 0 or command in {"save", "quit"} or step == cfg.max_iter:
                 self.save()
             if command == "quit":
-                _logger.info("quit requested at step %d: checkpoint saved, exiting", step)
+                if stop:
+                    _logger.info("%s: checkpoint saved at step %d, exiting", stop, step)
+                else:
+                    _logger.info("quit requested at step %d: checkpoint saved, exiting", step)
                 return 0
             if step % cfg.eval_every == 0 or command == "eval" or step == cfg.max_iter:
                 engine.eval()
