@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -113,14 +114,17 @@ def test_spkr_name_getter_index_out_of_range() -> None:
         ("config/test/nar.yml", "test/nar"),
         ("/abs/repo/config/LibriTTS/ar-quarter.yaml", "LibriTTS/ar-quarter"),
         ("my/own/run.yml", "my/own/run"),
-        ("/elsewhere/run.yml", "run"),
-        ("../up/run.yml", "run"),
+        ("/elsewhere/run.yml", "run-*"),  # outside config/: the stem plus a hash of the absolute path
+        ("../up/run.yml", "run-*"),
+        ("config/../../../tmp/x.yml", "x-*"),
     ],
 )
 def test_cfg_name_and_derived_dirs(tmp_path: Path, yaml_path: str, cfg_name: str) -> None:
     cfg = Config.parse([])
     cfg.yaml_path = yaml_path  # as build() records it; the file itself is not needed here
-    assert cfg.cfg_name == cfg_name
+    if cfg_name.endswith("-*"):
+        assert re.fullmatch(re.escape(cfg_name[:-1]) + "[0-9a-f]{8}", cfg.cfg_name), cfg.cfg_name
+        cfg_name = cfg.cfg_name
     assert cfg.ckpt_dir == Path("ckpts") / cfg_name
     assert cfg.log_dir.parent == Path("logs") / cfg_name
     assert Config.parse([]).cfg_name == "default"
@@ -162,3 +166,49 @@ def _run_main(module: str, argv: list[str]) -> None:
 
     main = importlib.import_module(module if module != "vall_e" else "vall_e.__main__").main
     raise SystemExit(main(argv))
+
+
+@pytest.mark.parametrize(
+    "word,needle",
+    [
+        ("log_every=0", "log_every=0 must be at least 1"),
+        ("save_ckpt_every=0", "save_ckpt_every=0 must be at least 1"),
+        ("eval_every=0", "eval_every=0 must be at least 1"),
+        ("max_val_ar_steps=0", "max_val_ar_steps=0 must be at least 1"),
+        ("nj=-1", "nj=-1 must not be negative"),
+        ("model=banana", "model='banana' is not a preset; choose one of ar, ar-half"),
+        ("device=banana", "device='banana': use cpu, cuda or cuda:<index>"),
+        ("device=cpu:1", "device='cpu:1'"),
+        ("sampling_temperature=-1", "sampling_temperature=-1.0 must not be negative"),
+        ("keep_last_ckpts=-1", "keep_last_ckpts=-1 must not be negative"),
+        ("warmup_min_lr=1", "warmup_min_lr=1.0 is larger than warmup_max_lr"),
+        ("codec_weights=/no/such/file.th", "codec_weights='/no/such/file.th'"),
+        ("init_from=/no/such/run", "init_from='/no/such/run' does not exist"),
+        ("name=../escape", "name='../escape'"),
+    ],
+)
+def test_values_that_used_to_fail_late_fail_at_parse_time(word: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        Config.parse(["device=cpu", word] if not word.startswith("device=") else [word])
+    assert needle in str(err.value)
+
+
+def test_cuda_without_a_gpu_is_a_config_error() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="numbered from 0"):
+            Config.parse([f"device=cuda:{torch.cuda.device_count()}"])
+    else:
+        with pytest.raises(ConfigError, match="no CUDA GPU"):
+            Config.parse(["device=cuda"])
+
+
+def test_train_cli_bad_value_is_one_line_exit_2() -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "vall_e.train", "device=cpu", "log_every=0"], capture_output=True,
+                          text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["error: log_every=0 must be at least 1"]

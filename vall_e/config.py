@@ -6,6 +6,8 @@ Values merge as class defaults < ``yaml=<file>`` < ``key=value`` words (see :mod
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -96,6 +98,8 @@ class Config(BaseConfig):
     log_every: int = field(10, help="log training stats every N steps")
     sampling_temperature: float = field(1.0, help="AR sampling temperature in evaluation")
     cache_dataloader: bool = field(False, help="(kept for old recipes; the corpus index is always cached)")
+    keep_last_ckpts: int = field(5, help="keep this many newest checkpoints, delete older ones after a save (0 = keep all)")
+    init_from: Optional[str] = field(None, help="start a new run from these weights: an exported .pt or a checkpoint folder")
     ckpt_root: str = field("ckpts", help="checkpoints go to <ckpt_root>/<cfg_name>/")
     log_root: str = field("logs", help="logs go to <log_root>/<cfg_name>/<start time>/")
 
@@ -104,9 +108,12 @@ class Config(BaseConfig):
     seed: int = field(0, help="random seed")
     codec_weights: str = field("pretrained", help="pretrained | untrained | <path to an EnCodec checkpoint>")
     yaml_path: Optional[str] = field(None, help="set by yaml=<file>; names the run (cfg_name)")
+    name: Optional[str] = field(None, help="run name (checkpoint/log folder) instead of one derived from yaml=")
 
     def validate(self) -> None:
+        """Check every value that could otherwise fail late (hours in, or after DeepSpeed started)."""
         parse_spkr_name_getter(self.spkr_name_getter)
+        self._validate_runtime()
         if self.optimizer.lower() not in {"adam", "adamw"}:
             raise ConfigError(f"optimizer={self.optimizer!r}: use 'adam' or 'adamw'")
         if not 0 <= self.zero_stage <= 3:
@@ -128,20 +135,75 @@ class Config(BaseConfig):
         if not 0.0 <= self.p_additional_prompt <= 1.0:
             raise ConfigError(f"p_additional_prompt={self.p_additional_prompt} must be within [0, 1]")
 
+    def _validate_runtime(self) -> None:
+        """Ranges, enumerations, presets, the device, run names: the values issue 10 found failing late."""
+        for name in ("log_every", "save_ckpt_every", "eval_every", "max_val_ar_steps", "num_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("max_num_val", "min_phones", "keep_last_ckpts", "warmup_num_steps", "seed", "gradient_clipping",
+                     "weight_decay", "warmup_min_lr", "warmup_max_lr", "sampling_temperature"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must not be negative")
+        if self.warmup_min_lr > self.warmup_max_lr:
+            raise ConfigError(f"warmup_min_lr={self.warmup_min_lr} is larger than warmup_max_lr={self.warmup_max_lr}")
+        from .base import PRESETS  # lazily: importing the models pulls in torch
+
+        if self.model not in PRESETS:
+            raise ConfigError(f"model={self.model!r} is not a preset; choose one of {', '.join(sorted(PRESETS))}")
+        self._validate_device()
+        if self.codec_weights not in ("pretrained", "untrained") and not Path(self.codec_weights).is_file():
+            raise ConfigError(f"codec_weights={self.codec_weights!r}: use pretrained, untrained or the path of an "
+                              "existing EnCodec checkpoint file")
+        if self.init_from is not None and not Path(self.init_from).exists():
+            raise ConfigError(f"init_from={self.init_from!r} does not exist: give an exported .pt file or a "
+                              "checkpoint folder (ckpts/<run name>)")
+        if self.name is not None:
+            parts = Path(self.name).parts
+            if not self.name.strip() or Path(self.name).is_absolute() or ".." in parts or "\\" in self.name:
+                raise ConfigError(f"name={self.name!r}: use a relative name such as 'mine/ar' (no leading '/', "
+                                  "no '..'): runs live under ckpt_root and log_root")
+
+    def _validate_device(self) -> None:
+        m = re.fullmatch(r"(cpu|cuda)(?::(\d+))?", self.device)
+        if m is None or (m.group(1) == "cpu" and m.group(2) is not None):
+            raise ConfigError(f"device={self.device!r}: use cpu, cuda or cuda:<index>")
+        if m.group(1) == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"device={self.device}: torch sees no CUDA GPU on this machine (driver, "
+                                  "CUDA_VISIBLE_DEVICES or a CPU-only torch?); use device=cpu")
+            if m.group(2) is not None and int(m.group(2)) >= torch.cuda.device_count():
+                raise ConfigError(f"device={self.device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                                  f"numbered from 0")
+
     # derived -----------------------------------------------------------------------------------
 
     @property
     def cfg_name(self) -> str:
-        """``config/LibriTTS/ar.yml`` -> ``LibriTTS/ar``; ``default`` without a yaml file."""
+        """The run name: checkpoints in ``<ckpt_root>/<cfg_name>``, logs in ``<log_root>/<cfg_name>``.
+
+        - ``name=`` when given;
+        - a yaml under a ``config`` folder: the path after it, without suffix
+          (``config/LibriTTS/ar.yml`` -> ``LibriTTS/ar``, DESIGN.md's rule);
+        - a relative yaml path elsewhere, without ``..``: that path without suffix (``my/run.yml`` -> ``my/run``);
+        - any other yaml (absolute, or climbing out with ``..``): its stem plus a hash of its absolute path
+          (``/a/ar.yml`` -> ``ar-<8 hex>``), so ``/a/ar.yml`` and ``/b/ar.yml`` never share checkpoints
+          and no name leaves ``ckpt_root``/``log_root``;
+        - ``default`` without a yaml file.
+        """
+        if self.name is not None:
+            return Path(self.name).as_posix()
         if self.yaml_path is None:
             return "default"
-        path = Path(self.yaml_path).with_suffix("")
+        path = Path(os.path.normpath(self.yaml_path)).with_suffix("")
         parts = path.parts
-        if "config" in parts:
-            parts = parts[len(parts) - parts[::-1].index("config"):]
-        elif path.is_absolute() or ".." in parts:
-            parts = (path.name,)  # never let a run name escape ckpt_root/log_root
-        return Path(*parts).as_posix() if parts else path.name
+        if "config" in parts[:-1]:
+            return Path(*parts[len(parts) - parts[::-1].index("config"):]).as_posix()
+        if not path.is_absolute() and ".." not in parts:
+            return path.as_posix()
+        digest = hashlib.sha1(os.path.abspath(self.yaml_path).encode("utf-8")).hexdigest()[:8]
+        return f"{path.name}-{digest}"
 
     @property
     def ckpt_dir(self) -> Path:
