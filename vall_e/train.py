@@ -5,7 +5,8 @@ Multi-GPU / multi-node through the stock launchers::
     deepspeed --num_gpus 8 --module vall_e.train yaml=config/LibriTTS/ar.yml
     torchrun --nproc_per_node 8 -m vall_e.train yaml=config/LibriTTS/ar.yml
 
-Rerunning the same command resumes from ``ckpts/<cfg_name>/latest``.
+Rerunning the same command resumes from the newest complete checkpoint in ``ckpts/<cfg_name>/``
+(``latest`` names it). A checkpoint folder is locked by the run training into it.
 """
 
 from __future__ import annotations
@@ -120,21 +121,67 @@ class Evaluator:
             _logger.warning("evaluation audio is not written (codec_weights=%s): %s", self.cfg.codec_weights, e)
 
 
+def _architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``"field: saved -> current"`` for every hyper-parameter that differs (JSON-normalized)."""
+    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+            if saved.get(k) != current.get(k)]
+
+
+def _check_architecture(cfg: Config, folder, hparams: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint of another shape, naming the fields that differ."""
+    from .utils.engines import CheckpointError, read_meta
+
+    meta = read_meta(folder)
+    if not meta or "hparams" not in meta:
+        return  # older checkpoints carry no vall_e.json; a mismatch then shows up when loading
+    diff = _architecture_differences(meta["hparams"], hparams)
+    if diff:
+        raise CheckpointError(
+            f"{folder} was trained with model={meta.get('model')!r}, this run asks for model={cfg.model!r}; these "
+            f"fields differ: {'; '.join(diff)}. Resume with model={meta.get('model')}, or start a new run under "
+            "another name= (init_from= takes weights from a run of the same preset)."
+        )
+
+
 def train(cfg: Config) -> int:
-    """Build model, engine and data from ``cfg``, resume if a checkpoint exists, train; returns exit status."""
+    """Build model, engine and data from ``cfg``, resume if a checkpoint exists, train; returns exit status.
+
+    Exit status 2 (nothing retried by ``scripts/run.sh``): a problem the user must fix, explained in
+    the log; 0: done, or stopped on request (``quit``, SIGTERM, SIGINT) after a save.
+    """
+    from .utils.engines import CheckpointError, RunLock, leader_decides
+
     distributed.init_distributed(cfg.device)
     leader = distributed.is_global_leader()
     setup_logging(cfg.log_dir if leader else None, level=logging.INFO if leader else logging.WARNING)
     if leader:
         _logger.info("config %s (cfg_name=%s, world size %d)\n%s", cfg.yaml_path, cfg.cfg_name, distributed.world_size(), cfg.dumps())
+    lock = RunLock(cfg.ckpt_dir)
+    try:
+        leader_decides(lock.acquire)  # before anything reads or writes the checkpoint folder
+        return _train(cfg)
+    except CheckpointError as e:
+        if leader:
+            _logger.error("%s", e)
+        return 2
+    finally:
+        lock.release()
+
+
+def _train(cfg: Config) -> int:
+    from .utils.engines import build_engine, leader_decides, make_loads_safe, remove_partial_saves, resume_candidates
+
+    leader = distributed.is_global_leader()
     seed_everything(cfg.seed)
-
-    from .utils.engines import build_engine
-
+    tags = leader_decides(lambda: remove_partial_saves(cfg.ckpt_dir) or resume_candidates(cfg.ckpt_dir))
     model = _build_model(cfg)
     n_params = sum(p.numel() for p in model.parameters())
+    if tags:
+        leader_decides(lambda: _check_architecture(cfg, cfg.ckpt_dir / tags[0], model.hparams))
     engine = build_engine(cfg, model)
-    state = Trainer.restore(engine, cfg.ckpt_dir)
+    make_loads_safe(engine)
+    state = Trainer.restore(engine, cfg.ckpt_dir, tags)
     if state is not None:
         _logger.info("resumed from %s at step %d", cfg.ckpt_dir, state.step)
 

@@ -1,0 +1,300 @@
+"""Issue 10: checkpoints that are whole or absent, safe resume, fallback, signals, the run lock, run names.
+
+One short training run (``base_run``, module-scoped) makes checkpoints at steps 2, 4 and 6; each test
+copies its folder and damages the copy the way a user, a crash or an attacker would.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_train import REPO, run_train, stats, write_cfg
+from vall_e.config import Config
+from vall_e.utils import engines
+from vall_e.utils.config import ConfigError
+
+FIELDS = dict(max_iter=6, save_ckpt_every=2, eval_every=1000, log_every=1)
+
+
+@pytest.fixture(scope="module")
+def base_run(prepared_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished ar-tiny run's checkpoint folder: global_step2, 4 and 6, latest = global_step6."""
+    root = tmp_path_factory.mktemp("base_run")
+    proc = run_train(write_cfg(root, "ar", prepared_corpus, **FIELDS))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root / "ckpts" / "ar"
+
+
+def _copy_run(base_run: Path, tmp_path: Path, corpus: Path, **fields) -> tuple[Path, Path]:
+    """A config under ``tmp_path`` whose checkpoint folder starts as a copy of ``base_run``."""
+    cfg_path = write_cfg(tmp_path, "ar", corpus, **{**FIELDS, **fields})
+    ckpt = tmp_path / "ckpts" / "ar"
+    shutil.copytree(base_run, ckpt)
+    return cfg_path, ckpt
+
+
+def _digest(folder: Path) -> str:
+    return hashlib.sha256((folder / "mp_rank_00_model_states.pt").read_bytes()).hexdigest()
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _user_error(proc: subprocess.CompletedProcess) -> str:
+    """Exit 2 with a message and no traceback; returns stderr."""
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr
+
+
+# -- data loss: no silent restart -------------------------------------------------------------------
+
+
+def test_missing_latest_resumes_the_newest_checkpoint(base_run, tmp_path, prepared_corpus):
+    cfg_path, ckpt = _copy_run(base_run, tmp_path, prepared_corpus, max_iter=8)
+    before = {t: _digest(ckpt / t) for t in ("global_step2", "global_step4", "global_step6")}
+    (ckpt / "latest").unlink()
+    proc = run_train(cfg_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latest is missing or empty" in proc.stderr and "at step 6" in proc.stderr
+    assert [r["step"] for r in stats(tmp_path / "logs")] == [7, 8]
+    assert {t: _digest(ckpt / t) for t in before} == before, "an existing checkpoint was overwritten"
+    assert (ckpt / "latest").read_text().strip() == "global_step8"
+
+    (ckpt / "latest").write_text("\n")  # empty: the same
+    proc = run_train(cfg_path, "max_iter=8")
+    assert proc.returncode == 0 and "nothing to do" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_latest_naming_a_missing_tag(base_run, tmp_path, prepared_corpus):
+    cfg_path, ckpt = _copy_run(base_run, tmp_path, prepared_corpus, max_iter=7)
+    (ckpt / "latest").write_text("global_step99\n")
+    proc = run_train(cfg_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'global_step99', which does not exist" in proc.stderr and "at step 6" in proc.stderr
+
+    # latest names a checkpoint, but every folder is gone: the user decides, nothing starts from 0
+    for t in engines.checkpoint_tags(ckpt):
+        shutil.rmtree(ckpt / t)
+    err = _user_error(run_train(cfg_path))
+    assert "holds no global_step* folder" in err and "delete" in err
+
+
+# -- fallback ---------------------------------------------------------------------------------------
+
+
+def test_truncated_newest_checkpoint_falls_back_and_is_never_overwritten(base_run, tmp_path, prepared_corpus):
+    cfg_path, ckpt = _copy_run(base_run, tmp_path, prepared_corpus, max_iter=7)
+    _truncate(ckpt / "global_step6" / "mp_rank_00_model_states.pt")
+    broken = (ckpt / "global_step6" / "mp_rank_00_model_states.pt").read_bytes()
+    proc = run_train(cfg_path, "save_ckpt_every=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipping checkpoint {ckpt / 'global_step6'}" in proc.stderr and "truncated or corrupt" in proc.stderr
+    assert "at step 4" in proc.stderr
+    # step 6 was reached again: the damaged folder was moved aside, not overwritten
+    aside = sorted(ckpt.glob("global_step6.replaced-*"))
+    assert len(aside) == 1 and (aside[0] / "mp_rank_00_model_states.pt").read_bytes() == broken
+    assert (ckpt / "latest").read_text().strip() == "global_step7"
+
+
+def test_no_usable_checkpoint_refuses_to_start_over(base_run, tmp_path, prepared_corpus):
+    cfg_path, ckpt = _copy_run(base_run, tmp_path, prepared_corpus)
+    for t in ("global_step2", "global_step4", "global_step6"):
+        _truncate(ckpt / t / "mp_rank_00_model_states.pt")
+    err = _user_error(run_train(cfg_path))
+    assert "none can be used" in err and "global_step2" in err and "global_step6" in err
+    assert engines.checkpoint_tags(ckpt) == ["global_step6", "global_step4", "global_step2"]  # untouched
+
+
+class _Payload:
+    """Unpickling this runs ``touch <marker>``: what a planted checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_planted_pickle_is_not_executed_on_resume(base_run, tmp_path, prepared_corpus):
+    cfg_path, ckpt = _copy_run(base_run, tmp_path, prepared_corpus, max_iter=7)
+    marker = tmp_path / "pwned"
+    states = ckpt / "global_step6" / "mp_rank_00_model_states.pt"
+    real = torch.load(states, map_location="cpu", weights_only=True)
+    torch.save({**real, "payload": _Payload(marker)}, states)
+    torch.load(states, weights_only=False)  # the payload is live: full unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+
+    proc = run_train(cfg_path)
+    assert not marker.exists(), "resume unpickled the planted payload"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint {ckpt / 'global_step6'} cannot be loaded" in proc.stderr and "at step 4" in proc.stderr
+
+
+class _FullDisk:
+    """A stand-in engine whose save writes half a file, then fails like a full disk."""
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert not save_latest
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True)
+        (folder / "mp_rank_00_model_states.pt").write_bytes(b"PK\x03\x04 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_interrupted_save_leaves_no_checkpoint(base_run, tmp_path, prepared_corpus):
+    ckpt = tmp_path / "ckpts" / "ar"
+    shutil.copytree(base_run, ckpt)
+    with pytest.raises(OSError):
+        engines.save_checkpoint(_FullDisk(), ckpt, 8, {}, meta={})
+    assert engines.checkpoint_tags(ckpt) == ["global_step6", "global_step4", "global_step2"]
+    assert (ckpt / "latest").read_text().strip() == "global_step6"
+    assert engines.resume_candidates(ckpt)[0] == "global_step6"
+
+    # what a kill leaves: the partial folder, and an old-style half folder without model states
+    (ckpt / "global_step10").mkdir()
+    (ckpt / "global_step10" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (ckpt / "latest").write_text("global_step10")
+    assert engines.resume_candidates(ckpt)[0] == "global_step6"
+    engines.remove_partial_saves(ckpt)
+    assert not list(ckpt.glob(".partial-*"))
+
+
+def test_keep_last_ckpts_prunes_only_after_a_complete_save(tmp_path, prepared_corpus):
+    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=5, save_ckpt_every=1, keep_last_ckpts=2)
+    proc = run_train(cfg_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert engines.checkpoint_tags(tmp_path / "ckpts" / "ar") == ["global_step5", "global_step4"]
+    assert json.loads((tmp_path / "ckpts" / "ar" / "global_step5" / "vall_e.json").read_text())["step"] == 5
+
+
+# -- architecture ---------------------------------------------------------------------------------
+
+
+def test_resuming_with_another_preset_names_the_fields(base_run, tmp_path, prepared_corpus):
+    cfg_path, _ = _copy_run(base_run, tmp_path, prepared_corpus, model="nar-tiny", max_iter=8)
+    err = _user_error(run_train(cfg_path))
+    assert "trained with model='ar-tiny', this run asks for model='nar-tiny'" in err
+    assert "fields differ" in err and "preset: 'ar-tiny' -> 'nar-tiny'" in err
+
+
+# -- signals ----------------------------------------------------------------------------------------
+
+
+def test_sigterm_saves_exits_zero_and_resumes_there(tmp_path, prepared_corpus):
+    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=100_000, save_ckpt_every=100_000, log_every=1)
+    proc = subprocess.Popen([sys.executable, "-m", "vall_e.train", f"yaml={cfg_path}"], cwd=REPO, text=True,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(r["step"] >= 3 for r in stats(tmp_path / "logs")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM received" in err and "SIGTERM: checkpoint saved at step" in err
+    step = int((tmp_path / "ckpts" / "ar" / "latest").read_text().strip().removeprefix("global_step"))
+    assert step >= 3 and stats(tmp_path / "logs")[-1]["step"] == step
+    assert not (tmp_path / "ckpts" / "ar" / ".lock").exists()
+
+    resumed = run_train(cfg_path, f"max_iter={step + 1}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {step}" in resumed.stderr
+
+
+def test_second_signal_exits_at_once(monkeypatch):
+    from vall_e.utils.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)  # only the signal logic is exercised
+    trainer.stop_signal = None
+    killed = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: None)
+    trainer._on_signal(signal.SIGTERM, None)
+    assert trainer.stop_signal == "SIGTERM" and not killed
+    trainer._on_signal(signal.SIGINT, None)
+    assert killed == [(os.getpid(), signal.SIGINT)]
+
+
+# -- the run lock -----------------------------------------------------------------------------------
+
+
+def test_a_locked_folder_is_refused_and_a_stale_lock_taken_over(base_run, tmp_path, prepared_corpus):
+    cfg_path, ckpt = _copy_run(base_run, tmp_path, prepared_corpus, max_iter=7)
+    host = socket.gethostname()
+    (ckpt / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": host, "start": None, "since": "now"}))
+    err = _user_error(run_train(cfg_path))
+    assert f"in use by another training run (pid {os.getpid()} on host {host}" in err
+    assert engines.latest_tag(ckpt) == "global_step6"
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (ckpt / ".lock").write_text(json.dumps({"pid": gone.pid, "host": host, "start": None, "since": "then"}))
+    proc = run_train(cfg_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "taking over the lock" in proc.stderr and "at step 6" in proc.stderr
+    assert not (ckpt / ".lock").exists()
+
+
+def test_run_lock_in_process(tmp_path):
+    first, second = engines.RunLock(tmp_path), engines.RunLock(tmp_path)
+    first.acquire()
+    with pytest.raises(engines.CheckpointError, match=f"pid {os.getpid()} on host"):
+        second.acquire()
+    first.release()
+    second.acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    second.release()
+    assert not (tmp_path / ".lock").exists()
+
+
+# -- run names --------------------------------------------------------------------------------------
+
+
+def test_run_names_do_not_collide_or_escape(tmp_path):
+    def name(yaml_path: str, *words: str) -> Config:
+        cfg = Config.parse(["device=cpu", *words])
+        cfg.yaml_path = yaml_path
+        return cfg
+
+    a, b = name("/a/ar.yml"), name("/b/ar.yml")
+    assert a.cfg_name != b.cfg_name and a.cfg_name.startswith("ar-") and b.cfg_name.startswith("ar-")
+    root = Path("ckpts").resolve()
+    for path in ("config/../../../tmp/x.yml", "../up/run.yml", "/abs/x.yml", "config/../x.yml", "a/../../x.yml"):
+        cfg = name(path)
+        assert ".." not in Path(cfg.cfg_name).parts, path
+        assert cfg.ckpt_dir.resolve().is_relative_to(root), (path, cfg.ckpt_dir)
+    assert name("config/LibriTTS/ar.yml").cfg_name == "LibriTTS/ar"
+    assert name("/x/config/LibriTTS/ar.yml", "name=mine/ar").cfg_name == "mine/ar"
+    for bad in ("../x", "/abs", "a/../../b"):
+        with pytest.raises(ConfigError, match="name="):
+            Config.parse(["device=cpu", f"name={bad}"])
+
+
+# -- scripts/run.sh ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code,runs", [(0, 1), (2, 1), (3, 3), ("kill", 3)])
+def test_run_sh_restarts_only_crashes(tmp_path, code, runs):
+    body = "kill -9 $$" if code == "kill" else f"exit {code}"
+    proc = subprocess.run([str(REPO / "scripts" / "run.sh"), "sh", "-c", f"echo x >> {tmp_path / 'n'}; {body}"],
+                          env={**os.environ, "MAX_RESTARTS": "2", "RESTART_DELAY": "0"}, capture_output=True, text=True,
+                          timeout=60)
+    assert (tmp_path / "n").read_text().count("x") == runs, proc.stderr
+    assert proc.returncode == (137 if code == "kill" else code)
