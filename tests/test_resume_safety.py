@@ -298,3 +298,47 @@ def test_run_sh_restarts_only_crashes(tmp_path, code, runs):
                           timeout=60)
     assert (tmp_path / "n").read_text().count("x") == runs, proc.stderr
     assert proc.returncode == (137 if code == "kill" else code)
+
+
+# -- init_from ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["export", "checkpoint"])
+def test_init_from_starts_a_new_run_from_the_weights(base_run, tmp_path, prepared_corpus, source):
+    from vall_e.export import export
+
+    if source == "export":
+        init = tmp_path / "zoo" / "ar.pt"
+        export(init, base_run)
+    else:
+        init = base_run
+    frozen = dict(max_iter=1, warmup_min_lr=0.0, warmup_max_lr=0.0)  # lr 0: the saved weights are the loaded ones
+    cfg_path = write_cfg(tmp_path, "ft", prepared_corpus, **{**FIELDS, **frozen}, init_from=str(init))
+    proc = run_train(cfg_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initialized the weights from" in proc.stderr and "starting a new run at step 0" in proc.stderr
+    assert [r["step"] for r in stats(tmp_path / "logs")] == [1]
+    new = torch.load(tmp_path / "ckpts" / "ft" / "global_step1" / "mp_rank_00_model_states.pt", weights_only=True)
+    old = torch.load(base_run / "global_step6" / "mp_rank_00_model_states.pt", weights_only=True)
+    assert new["module"].keys() == old["module"].keys()
+    assert all(torch.equal(new["module"][k], old["module"][k]) for k in old["module"])
+    assert new["vall_e"]["phone_map"] == old["vall_e"]["phone_map"]
+
+    if source == "checkpoint":  # a restart resumes the new run's own checkpoint, not init_from again
+        again = run_train(cfg_path, "max_iter=2")
+        assert again.returncode == 0 and "init_from=" in again.stderr and "is ignored" in again.stderr
+        assert "at step 1" in again.stderr
+
+
+def test_init_from_another_preset_is_refused(base_run, tmp_path, prepared_corpus):
+    cfg_path = write_cfg(tmp_path, "ft", prepared_corpus, **FIELDS, model="nar-tiny", init_from=str(base_run))
+    err = _user_error(run_train(cfg_path))
+    assert "holds a 'ar-tiny' model but this run builds model='nar-tiny'" in err and "kind: 'ar' -> 'nar'" in err
+
+
+def test_phone_maps_merge_keeping_the_source_ids():
+    from vall_e.train import _merge_phone_maps
+
+    source = {"<s>": 1, "</s>": 2, "a": 3, "b": 4}
+    data = {"<s>": 1, "</s>": 2, "b": 3, "c": 4, "_": 5}
+    assert _merge_phone_maps(source, data) == {"<s>": 1, "</s>": 2, "a": 3, "b": 4, "_": 5, "c": 6}

@@ -11,9 +11,11 @@ Rerunning the same command resumes from the newest complete checkpoint in ``ckpt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -121,11 +123,68 @@ class Evaluator:
             _logger.warning("evaluation audio is not written (codec_weights=%s): %s", self.cfg.codec_weights, e)
 
 
+# Hyper-parameters that change how a model trains, not the shape of its weights: free to differ on resume.
+_NOT_ARCHITECTURE = {"activation_checkpointing", "p_dropout"}
+
+
 def _architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"field: saved -> current"`` for every hyper-parameter that differs (JSON-normalized)."""
+    """``"field: saved -> current"`` for every architectural hyper-parameter that differs (JSON-normalized)."""
     saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current) - _NOT_ARCHITECTURE)
             if saved.get(k) != current.get(k)]
+
+
+def _init_source(folder: Path) -> tuple[Path, str]:
+    """(run folder, tag) of the checkpoint ``init_from=<folder>`` means: a ``global_step<N>`` folder itself,
+    or a run folder's newest usable checkpoint."""
+    from .utils.engines import CheckpointError, resume_candidates
+
+    if any(folder.glob("*model_states.pt")):
+        return folder.parent, folder.name
+    tags = resume_candidates(folder)
+    if not tags:
+        raise CheckpointError(f"init_from={folder}: no checkpoint in it (give a run's checkpoint folder, one of its "
+                              "global_step<N> folders, or an exported .pt file)")
+    return folder, tags[0]
+
+
+def _load_init_from(cfg: Config, model) -> dict[str, int]:
+    """Load ``cfg.init_from``'s weights into ``model`` (before the engine copies them); returns its phone map.
+
+    Only the weights travel: the new run starts at step 0 with a fresh optimizer and schedule. Loading
+    is weights-only either way (exported files and checkpoints alike).
+    """
+    from .export import ExportError, InferenceFileError, read_checkpoint, read_inference_file
+    from .utils.engines import CheckpointError
+
+    src = Path(cfg.init_from)
+    try:
+        data = read_inference_file(src) if src.is_file() else read_checkpoint(*_init_source(src))
+    except (ExportError, InferenceFileError) as e:
+        raise CheckpointError(f"init_from={cfg.init_from}: {e}") from None
+    diff = _architecture_differences(data["hparams"], model.hparams)
+    if diff:
+        raise CheckpointError(
+            f"init_from={cfg.init_from} holds a {data.get('preset')!r} model but this run builds model={cfg.model!r}; "
+            f"these fields differ: {'; '.join(diff)}. Set model={data.get('preset')} to fine-tune it."
+        )
+    try:
+        model.load_state_dict(data["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"init_from={cfg.init_from}: its weights do not fit model={cfg.model} ({e})") from None
+    _logger.info("initialized the weights from %s (%s, trained %d steps); starting a new run at step 0",
+                 data.get("checkpoint", cfg.init_from), data.get("preset"), int(data.get("step", 0)))
+    return dict(data["phone_map"])
+
+
+def _merge_phone_maps(source: dict[str, int], data_map: dict[str, int]) -> dict[str, int]:
+    """``source``'s ids kept (the weights learned them); symbols only the new data has get the next free ids."""
+    merged = dict(source)
+    next_id = max(merged.values(), default=0) + 1
+    for symbol in sorted(set(data_map) - set(merged)):
+        merged[symbol] = next_id
+        next_id += 1
+    return merged
 
 
 def _check_architecture(cfg: Config, folder, hparams: dict[str, Any]) -> None:
@@ -179,6 +238,13 @@ def _train(cfg: Config) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     if tags:
         leader_decides(lambda: _check_architecture(cfg, cfg.ckpt_dir / tags[0], model.hparams))
+    init_map = None
+    if cfg.init_from is not None and tags:
+        if leader:
+            _logger.info("init_from=%s is ignored: %s holds this run's own checkpoints, resuming those",
+                         cfg.init_from, cfg.ckpt_dir)
+    elif cfg.init_from is not None:
+        init_map = _load_init_from(cfg, model)  # every rank: the engine starts from these weights
     engine = build_engine(cfg, model)
     make_loads_safe(engine)
     state = Trainer.restore(engine, cfg.ckpt_dir, tags)
@@ -191,7 +257,18 @@ def _train(cfg: Config) -> int:
         _logger.error("%s", e)
         return 2
     n_text_tokens = model.hparams["n_text_tokens"]
-    if len(data.phone_map) + 1 > n_text_tokens:
+    if init_map is not None:
+        merged = _merge_phone_maps(init_map, data.phone_map)
+        added = sorted(set(merged) - set(init_map))
+        if max(merged.values()) + 1 > n_text_tokens:
+            _logger.error("init_from=%s: its phone map plus this data's new phones %s need %d ids, more than the "
+                          "model's n_text_tokens=%d; drop those utterances or train from scratch",
+                          cfg.init_from, added, max(merged.values()) + 1, n_text_tokens)
+            return 2
+        if added and leader:
+            _logger.warning("init_from: phones new to the model get fresh (untrained) embeddings: %s", added)
+        data = dataclasses.replace(data, phone_map=merged)
+    if max(data.phone_map.values()) + 1 > n_text_tokens:
         _logger.error("%d phone symbols do not fit the model's n_text_tokens=%d", len(data.phone_map), n_text_tokens)
         return 2
     if state is None:
