@@ -197,18 +197,24 @@ def test_resuming_with_another_preset_names_the_fields(base_run, tmp_path, prepa
 # -- signals ----------------------------------------------------------------------------------------
 
 
-def test_sigterm_saves_exits_zero_and_resumes_there(tmp_path, prepared_corpus):
-    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=100_000, save_ckpt_every=100_000, log_every=1)
+@pytest.mark.parametrize("sig,nj", [("SIGTERM", 0), ("SIGINT", 1)])
+def test_signal_saves_exits_zero_and_resumes_there(tmp_path, prepared_corpus, sig, nj):
+    """SIGTERM to the process (a scheduler's preemption); SIGINT to the whole process group with a loader
+    worker in it (Ctrl-C in a terminal): the worker must not die, the main process saves."""
+    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=100_000, save_ckpt_every=100_000, log_every=1, nj=nj)
     proc = subprocess.Popen([sys.executable, "-m", "vall_e.train", f"yaml={cfg_path}"], cwd=REPO, text=True,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not any(r["step"] >= 3 for r in stats(tmp_path / "logs")):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    if sig == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM received" in err and "SIGTERM: checkpoint saved at step" in err
+    assert err.count(f"{sig} received") == 1 and f"{sig}: checkpoint saved at step" in err
     step = int((tmp_path / "ckpts" / "ar" / "latest").read_text().strip().removeprefix("global_step"))
     assert step >= 3 and stats(tmp_path / "logs")[-1]["step"] == step
     assert not (tmp_path / "ckpts" / "ar" / ".lock").exists()

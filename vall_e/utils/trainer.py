@@ -146,6 +146,7 @@ class Trainer:
         self.bad_files: dict[str, str] = {}
         self.positions = [0, 0]  # since the last log: real sequence positions, positions after padding
         self.stop_signal: str | None = None  # name of the first SIGTERM/SIGINT received
+        self._pid = os.getpid()  # forked loader workers inherit the handler; only this process acts on it
 
     # checkpoints -----------------------------------------------------------------------------
 
@@ -212,6 +213,8 @@ class Trainer:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         """First SIGTERM/SIGINT: ask for a save at the next step boundary. Second: die of it now."""
+        if os.getpid() != getattr(self, "_pid", os.getpid()):
+            return  # a forked dataloader worker (Ctrl-C reaches the whole group): the main process decides
         if self.stop_signal is not None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
