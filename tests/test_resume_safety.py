@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -348,3 +349,22 @@ def test_phone_maps_merge_keeping_the_source_ids():
     source = {"<s>": 1, "</s>": 2, "a": 3, "b": 4}
     data = {"<s>": 1, "</s>": 2, "b": 3, "c": 4, "_": 5}
     assert _merge_phone_maps(source, data) == {"<s>": 1, "</s>": 2, "a": 3, "b": 4, "_": 5, "c": 6}
+
+
+# -- the corpus index (issue item 9) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("victim", ["meta.json", "key.npy"])
+def test_a_corrupt_corpus_index_names_its_file_and_is_rebuilt(tmp_path, prepared_corpus, caplog, victim):
+    from vall_e import corpus
+
+    root = tmp_path / "corpus"
+    shutil.copytree(prepared_corpus, root)
+    first = corpus.open_index(root, progress=False)
+    expected = first.codes(0)
+    (first.gen / victim).write_bytes(b"{garbage")
+    with caplog.at_level("WARNING", logger="vall_e.corpus"):
+        index = corpus.open_index(root, progress=False)
+    assert f"{first.gen / victim}:" in caplog.text and "rebuilding it" in caplog.text
+    assert index.gen != first.gen and len(index) == len(first)
+    assert np.array_equal(index.codes(0), expected)

@@ -290,9 +290,14 @@ class CorpusIndex:
     def __init__(self, root: str | Path, gen: Path):
         self.root = Path(root)
         self.gen = Path(gen)
-        self.meta: dict[str, Any] = json.loads((self.gen / "meta.json").read_text(encoding="utf-8"))
-        for name in _ARRAYS:
-            setattr(self, name, np.load(self.gen / f"{name}.npy", mmap_mode="r"))
+        path = self.gen / "meta.json"
+        try:  # a damaged file names itself (the caller rebuilds the index)
+            self.meta: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+            for name in _ARRAYS:
+                path = self.gen / f"{name}.npy"
+                setattr(self, name, np.load(path, mmap_mode="r"))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         self._shards: dict[int, np.ndarray] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -355,7 +360,7 @@ def _load_current(root: Path, home: Path) -> CorpusIndex | None:
     try:
         index = CorpusIndex(root, gen)
     except (OSError, ValueError, KeyError) as e:
-        _logger.warning("the index %s cannot be read (%s): rebuilding it", gen, e)
+        _logger.warning("the corpus index %s cannot be read (%s): rebuilding it", gen, e)
         return None
     if index.meta.get("version") != INDEX_VERSION:
         return None
@@ -625,7 +630,10 @@ def _collect_garbage(home: Path, keep: set[str]) -> None:
     used: set[str] = set()
     for name in keep:
         if name and (home / name / "meta.json").exists():
-            used |= {s[0] for s in json.loads((home / name / "meta.json").read_text())["shards"]}
+            try:
+                used |= {s[0] for s in json.loads((home / name / "meta.json").read_text())["shards"]}
+            except (OSError, ValueError, KeyError, TypeError):  # a damaged generation (already reported): nothing to keep
+                pass
     for p in home.iterdir():
         if p.is_dir() and p.name.startswith("g") and p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
