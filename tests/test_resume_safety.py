@@ -210,6 +210,9 @@ def test_signal_saves_exits_zero_and_resumes_there(tmp_path, prepared_corpus, si
     while time.time() < deadline and proc.poll() is None and not any(r["step"] >= 3 for r in stats(tmp_path / "logs")):
         time.sleep(0.05)
     if sig == "SIGTERM":
+        # meanwhile a second run of the same config is refused: the folder is locked by the first
+        second = _user_error(run_train(cfg_path))
+        assert f"in use by another training run (pid {proc.pid} on host {socket.gethostname()}" in second
         proc.send_signal(signal.SIGTERM)
     else:
         os.killpg(proc.pid, signal.SIGINT)
@@ -217,12 +220,47 @@ def test_signal_saves_exits_zero_and_resumes_there(tmp_path, prepared_corpus, si
     assert proc.returncode == 0, err[-3000:]
     assert err.count(f"{sig} received") == 1 and f"{sig}: checkpoint saved at step" in err
     step = int((tmp_path / "ckpts" / "ar" / "latest").read_text().strip().removeprefix("global_step"))
-    assert step >= 3 and stats(tmp_path / "logs")[-1]["step"] == step
+    assert step >= 3 and max(r["step"] for r in stats(tmp_path / "logs")) == step
     assert not (tmp_path / "ckpts" / "ar" / ".lock").exists()
 
     resumed = run_train(cfg_path, f"max_iter={step + 1}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stderr
+
+
+def _pids_with_env(marker: str, rank: int) -> list[int]:
+    """Processes whose environment holds ``VALL_E_TEST=<marker>`` and ``RANK=<rank>``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"VALL_E_TEST={marker}".encode() in env and f"RANK={rank}".encode() in env:
+            found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_to_one_rank_stops_all_ranks_after_a_save(tmp_path, prepared_corpus):
+    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=100_000, save_ckpt_every=100_000, log_every=1)
+    marker = str(tmp_path)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "VALL_E_TEST": marker}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "vall_e.train", f"yaml={cfg_path}"], cwd=REPO, text=True, env=env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not any(r["step"] >= 2 for r in stats(tmp_path / "logs")):
+        time.sleep(0.05)
+    rank1 = _pids_with_env(marker, 1)
+    assert len(rank1) == 1, rank1
+    os.kill(rank1[0], signal.SIGTERM)  # only rank 1 is told: rank 0 must still save with it, then both exit
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert "a signal on another rank: checkpoint saved at step" in err
+    step = int((tmp_path / "ckpts" / "ar" / "latest").read_text().strip().removeprefix("global_step"))
+    assert step >= 2 and "weights of all 2 ranks are identical" in err
 
 
 def test_second_signal_exits_at_once(monkeypatch):
