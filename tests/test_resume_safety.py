@@ -406,3 +406,63 @@ def test_a_corrupt_corpus_index_names_its_file_and_is_rebuilt(tmp_path, prepared
     assert f"{first.gen / victim}:" in caplog.text and "rebuilding it" in caplog.text
     assert index.gen != first.gen and len(index) == len(first)
     assert np.array_equal(index.codes(0), expected)
+
+
+# -- the loss guard -----------------------------------------------------------------------------------
+
+_NAN_RUN = """
+import sys
+import vall_e.train as train
+from vall_e.config import Config
+
+bad = {int(s) for s in sys.argv[2].split(",")}  # forward calls (1-based) whose loss becomes NaN
+calls = [0]
+build = train._build_model
+
+def patched(cfg):
+    model = build(cfg)
+    forward = model.forward
+
+    def nan_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if model.training:
+            calls[0] += 1
+            if calls[0] in bad or (-1 in bad and calls[0] >= min(bad - {-1})):
+                out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = nan_forward
+    return model
+
+train._build_model = patched
+raise SystemExit(train.train(Config.parse([f"yaml={sys.argv[1]}", *sys.argv[3:]])))
+"""
+
+
+def _nan_run(cfg_path: Path, bad: str, *words: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _NAN_RUN, str(cfg_path), bad, *words], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_nonfinite_losses_are_skipped_and_counted(tmp_path, prepared_corpus):
+    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=6, save_ckpt_every=1, eval_every=1000, log_every=1)
+    proc = _nan_run(cfg_path, "3,4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = stats(tmp_path / "logs")
+    assert [r["nonfinite_losses"] for r in train] == [0, 0, 1, 2, 2, 2]
+    assert all(r["loss"] == r["loss"] for r in train if r["step"] not in (3, 4))  # finite where trained
+    ckpt = tmp_path / "ckpts" / "ar"
+    w = {s: torch.load(ckpt / f"global_step{s}" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+         for s in (2, 4, 5)}
+    assert all(torch.equal(w[2][k], w[4][k]) for k in w[2]), "a NaN step moved the weights"
+    assert not all(torch.equal(w[4][k], w[5][k]) for k in w[4]), "training did not go on after the NaN steps"
+    assert all(torch.isfinite(t).all() for t in w[5].values() if t.is_floating_point())
+
+
+def test_nonfinite_losses_in_a_row_save_and_stop(tmp_path, prepared_corpus):
+    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=1000, save_ckpt_every=1000, eval_every=1000,
+                         log_every=1, max_nonfinite_steps=3)
+    proc = _nan_run(cfg_path, "-1,3")  # NaN from the third step on
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "3 steps in a row had a non-finite loss (NaN or inf), up to step 5" in proc.stderr
+    assert (tmp_path / "ckpts" / "ar" / "latest").read_text().strip() == "global_step5"

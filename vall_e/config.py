@@ -72,6 +72,7 @@ class Config(BaseConfig):
     index_check: str = field("files", help="staleness check at start: files (stat all) | dirs (folder mtimes) | off")
     index_rebuild: bool = field(False, help="rebuild the corpus indexes from scratch")
     max_bad_fraction: float = field(0.01, help="stop when more than this share of drawn examples is unreadable")
+    max_nonfinite_steps: int = field(20, help="save and stop after this many steps in a row with a NaN/inf loss (0 = never)")
 
     # model
     num_tokens: int = field(1024, help="EnCodec codebook size")
@@ -140,7 +141,7 @@ class Config(BaseConfig):
         for name in ("log_every", "save_ckpt_every", "eval_every", "max_val_ar_steps", "num_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("max_num_val", "min_phones", "keep_last_ckpts", "warmup_num_steps", "seed", "gradient_clipping",
+        for name in ("max_num_val", "min_phones", "keep_last_ckpts", "max_nonfinite_steps", "warmup_num_steps", "seed", "gradient_clipping",
                      "weight_decay", "warmup_min_lr", "warmup_max_lr", "sampling_temperature"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must not be negative")

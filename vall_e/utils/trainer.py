@@ -6,6 +6,11 @@ Commands typed on the terminal while training runs (read by rank 0, broadcast to
 - ``eval``: evaluate now;
 - ``quit``: write a checkpoint, then exit with status 0.
 
+A non-finite loss (NaN/inf, any precision) is not trained on: that micro-batch contributes zero
+gradients, a step whose every micro-batch was non-finite leaves the weights unchanged, and the
+count is logged as ``nonfinite_losses``. After ``max_nonfinite_steps`` such steps in a row the run
+saves and stops with exit status 2. fp16 gradient overflow stays DeepSpeed's loss scaler's business.
+
 SIGTERM and SIGINT (cluster preemption, Ctrl-C) do what ``quit`` does: the current step finishes,
 every rank saves, and the process exits 0. A second signal ends the process at once.
 
@@ -146,6 +151,8 @@ class Trainer:
         self.bad_files: dict[str, str] = {}
         self.positions = [0, 0]  # since the last log: real sequence positions, positions after padding
         self.stop_signal: str | None = None  # name of the first SIGTERM/SIGINT received
+        self.n_nonfinite = 0  # micro-batches whose loss was not finite (all ranks agree), this process
+        self.nonfinite_run = 0  # optimizer steps in a row with a non-finite loss
         self._pid = os.getpid()  # forked loader workers inherit the handler; only this process acts on it
 
     # checkpoints -----------------------------------------------------------------------------
@@ -285,6 +292,7 @@ class Trainer:
         engine, device = self.engine, self.engine.device
         totals: dict[str, torch.Tensor] = {}
         frames = 0
+        n_bad = 0
         n_micro = self.cfg.gradient_accumulation_steps
         grad_norm = None
         for i in range(n_micro):
@@ -294,24 +302,72 @@ class Trainer:
             self.positions[1] += len(lens) * max(lens)
             text, proms, resps = (to_device(batch[k], device) for k in ("text", "proms", "resps"))
             out = engine(text, proms, resps)
-            engine.backward(out.loss)
+            if self._all_finite(out.loss):
+                engine.backward(out.loss)
+                if log:
+                    for k, v in out.stats.items():
+                        totals[k] = totals.get(k, 0.0) + v.detach() / n_micro
+            else:
+                n_bad += 1
+                # Zero gradients instead of skipping the call: DeepSpeed's accumulation counters and
+                # the ranks' gradient collectives stay aligned, and nothing NaN reaches the optimizer.
+                engine.backward(self._zero_loss())
             if log and i == n_micro - 1:
                 grad_norm = self._grad_norm()
-            engine.step()
-            if log:
-                for k, v in out.stats.items():
-                    totals[k] = totals.get(k, 0.0) + v.detach() / n_micro
+            if n_bad == n_micro:
+                self._frozen_step()  # every micro-batch was non-finite: the weights must not move
+            else:
+                engine.step()
             frames += sum(int(r.shape[0]) for r in resps)
+        self.n_nonfinite += n_bad
+        self.nonfinite_run = self.nonfinite_run + 1 if n_bad else 0
         if not log:
             return None
+        stats_loss = totals.get("loss")
+        if stats_loss is not None and n_bad:
+            for k in totals:  # averages over the finite micro-batches only
+                totals[k] = totals[k] * n_micro / (n_micro - n_bad)
+        if stats_loss is None:
+            totals["loss"] = torch.tensor(float("nan"))
         stats = {k: float(v) for k, v in totals.items()}
         stats["frames"] = float(frames)
         stats["positions"], stats["padded_positions"] = map(float, self.positions)
         stats["bad_examples"] = float(self.n_bad)
+        stats["nonfinite_losses"] = float(self.n_nonfinite)
         self.positions = [0, 0]
         if grad_norm is not None:
             stats["grad_norm"] = grad_norm
         return stats
+
+    def _all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank (one small collective and a host read per micro-batch)."""
+        ok = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if dist.get_backend() != "nccl":
+                ok = ok.cpu()
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss whose gradient is exactly zero for every trainable parameter (no NaN anywhere)."""
+        params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        return torch.stack([(p * 0).sum().float() for p in params]).sum()
+
+    def _frozen_step(self) -> None:
+        """``engine.step()`` with the learning rate at 0 for this one step: the schedule and DeepSpeed's
+        counters advance as usual, the weights do not move (Adam's update and AdamW's decay scale with lr)."""
+        groups = self.engine.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = 0.0
+        try:
+            self.engine.step()
+        finally:
+            # The scheduler has set the next step's lr by now; where it did not step (an fp16 overflow
+            # skip), put the lr back so the next step is not frozen too.
+            for g, lr in zip(groups, saved):
+                if g["lr"] == 0.0:
+                    g["lr"] = lr
 
     def _grad_norm(self) -> float | None:
         """Pre-clipping gradient norm, when the gradients are whole on this rank (ZeRO < 2)."""
@@ -328,7 +384,7 @@ class Trainer:
         t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
         dist.all_reduce(t)
         n = dist.get_world_size()
-        summed = {"frames", "positions", "padded_positions", "bad_examples"}
+        summed = {"frames", "positions", "padded_positions", "bad_examples"}  # nonfinite_losses: equal on all ranks
         return {k: (float(v) if k in summed else float(v) / n) for k, v in zip(keys, t.tolist())}
 
     def run(self) -> int:
@@ -377,6 +433,14 @@ class Trainer:
                 )
                 if self._check_bad_data():
                     return 2
+            if cfg.max_nonfinite_steps and self.nonfinite_run >= cfg.max_nonfinite_steps:
+                self.save()
+                _logger.error(
+                    "%d steps in a row had a non-finite loss (NaN or inf), up to step %d; they did not change the "
+                    "weights, and the checkpoint just saved holds the last good ones. Lower warmup_max_lr, raise "
+                    "warmup_num_steps or lower gradient_clipping (or try use_bf16=true instead of fp16), then rerun "
+                    "the command: it resumes from this checkpoint.", self.nonfinite_run, step)
+                return 2
             command = self.commands.poll()
             stop = self._signalled()
             if stop:
