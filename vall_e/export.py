@@ -27,7 +27,7 @@ Loading DeepSpeed checkpoints safely: the ``mp_rank_00_model_states.pt`` file is
 reason, and the DeepSpeed metadata of fp32/fp16 runs is plain too. A few DeepSpeed optimizers
 pickle small objects of their own (the bf16 optimizer's ``fragment_address``, older fp16 loss
 scalers); those specific classes are allow-listed with ``torch.serialization.safe_globals``
-(:data:`DEEPSPEED_SAFE_GLOBALS`). Anything else is refused with the class's name; ``--trust-checkpoint``
+(:func:`deepspeed_safe_globals`, shared with training resume). Anything else is refused with the class's name; ``--trust-checkpoint``
 then loads the file with full unpickling, which runs code from the file: use it only for
 checkpoints you wrote yourself. ZeRO stage 3 keeps the weights partitioned in the optimizer
 shards; they are gathered with DeepSpeed's ``zero_to_fp32`` (which unpickles its shards itself).

@@ -3,6 +3,10 @@
 One engine wraps one model (the AR or the NAR). The DeepSpeed config is derived from the project
 config, so users only edit our YAML: optimizer, WarmupDecayLR schedule, clipping, accumulation,
 mixed precision and ZeRO stage. On CPU (tests, laptops) the gloo backend and full precision are used.
+
+Checkpoints (issue 10): a save becomes visible only when complete (written under a ``.partial-``
+name, renamed, then ``latest`` updated); resume picks the newest complete checkpoint and falls back
+past damaged ones; DeepSpeed's loads are made weights-only; ``.lock`` keeps one run per folder.
 """
 
 from __future__ import annotations
