@@ -466,3 +466,15 @@ def test_nonfinite_losses_in_a_row_save_and_stop(tmp_path, prepared_corpus):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "3 steps in a row had a non-finite loss (NaN or inf), up to step 5" in proc.stderr
     assert (tmp_path / "ckpts" / "ar" / "latest").read_text().strip() == "global_step5"
+
+
+def test_resume_candidates_follow_latest_only_inside_the_folder(base_run, tmp_path):
+    ckpt = tmp_path / "ckpts" / "ar"
+    shutil.copytree(base_run, ckpt)
+    (ckpt / "latest").write_text("../../somewhere")
+    assert engines.resume_candidates(ckpt) == ["global_step6", "global_step4", "global_step2"]
+    shutil.copytree(ckpt / "global_step2", ckpt / "best")  # a hand-made tag is honoured
+    (ckpt / "latest").write_text("best")
+    assert engines.resume_candidates(ckpt)[0] == "best"
+    (ckpt / "latest").write_text("global_step4")  # rolled back by hand: newer ones are not used
+    assert engines.resume_candidates(ckpt) == ["global_step4", "global_step2"]

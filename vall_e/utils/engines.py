@@ -157,12 +157,17 @@ def resume_candidates(ckpt_dir: Path) -> list[str]:
     ckpt_dir = Path(ckpt_dir)
     tags = checkpoint_tags(ckpt_dir)
     latest = latest_tag(ckpt_dir)
+    plain_name = latest is not None and Path(latest).name == latest and latest not in (".", "..")
+    if latest is not None and not plain_name:
+        _logger.warning("%s/latest holds %r, which is not a checkpoint folder name", ckpt_dir, latest)
     if latest is not None and latest in tags:
         newer = [t for t in tags if tag_step(t) > tag_step(latest)]
         if newer:
             _logger.warning("%s/latest names %s but newer checkpoints exist (%s): resuming from %s as latest says",
                             ckpt_dir, latest, ", ".join(newer), latest)
         order = [latest] + [t for t in tags if tag_step(t) < tag_step(latest)]
+    elif plain_name and (ckpt_dir / latest).is_dir():  # a hand-made tag such as "best"
+        order = [latest] + tags
     else:
         if latest is None and tags:
             _logger.warning("%s/latest is missing or empty although checkpoints exist: using the newest complete one",
@@ -398,6 +403,13 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock or raise :class:`CheckpointError` naming the run that holds it."""
+        try:
+            self._acquire()
+        except OSError as e:
+            raise CheckpointError(f"cannot create the lock {self.path} ({e.strerror or e}): make ckpt_root point to "
+                                  "a writable folder") from None
+
+    def _acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):
             try:
