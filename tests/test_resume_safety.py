@@ -27,7 +27,7 @@ from vall_e.config import Config
 from vall_e.utils import engines
 from vall_e.utils.config import ConfigError
 
-FIELDS = dict(max_iter=6, save_ckpt_every=2, eval_every=1000, log_every=1)
+FIELDS = dict(max_iter=6, save_ckpt_every=2, eval_every=1000, log_every=1, max_num_val=0)  # no evaluation: faster
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_interrupted_save_leaves_no_checkpoint(base_run, tmp_path, prepared_corp
 
 
 def test_keep_last_ckpts_prunes_only_after_a_complete_save(tmp_path, prepared_corpus):
-    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=5, save_ckpt_every=1, keep_last_ckpts=2)
+    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=5, save_ckpt_every=1, keep_last_ckpts=2, max_num_val=0)
     proc = run_train(cfg_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert engines.checkpoint_tags(tmp_path / "ckpts" / "ar") == ["global_step5", "global_step4"]
@@ -223,7 +223,7 @@ def test_signal_saves_exits_zero_and_resumes_there(tmp_path, prepared_corpus, si
     assert step >= 3 and max(r["step"] for r in stats(tmp_path / "logs")) == step
     assert not (tmp_path / "ckpts" / "ar" / ".lock").exists()
 
-    resumed = run_train(cfg_path, f"max_iter={step + 1}")
+    resumed = run_train(cfg_path, f"max_iter={step + 1}", "max_num_val=0")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {step}" in resumed.stderr
 
@@ -445,7 +445,8 @@ def _nan_run(cfg_path: Path, bad: str, *words: str) -> subprocess.CompletedProce
 
 
 def test_nonfinite_losses_are_skipped_and_counted(tmp_path, prepared_corpus):
-    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=6, save_ckpt_every=1, eval_every=1000, log_every=1)
+    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=6, save_ckpt_every=1, eval_every=1000, log_every=1,
+                         max_num_val=0)
     proc = _nan_run(cfg_path, "3,4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     train = stats(tmp_path / "logs")
