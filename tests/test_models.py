@@ -174,6 +174,91 @@ def test_sample_logits():
     assert all(sample_logits(peaked, 1.0, top_p=0.5, generator=g).item() == 0 for _ in range(20))
 
 
+
+def test_repetition_aware_sampling_switches_on_repetition():
+    """VALL-E 2's RAS: a nucleus draw that already fills > 10% of the last 10 codes is redrawn from
+    the plain distribution; below the threshold the nucleus draw stands. Reproducible under a seed."""
+    logits = torch.zeros(3, 50)
+    logits[:, 5] = 4.4  # p(5) ~ 0.62: top_p=0.5 keeps only token 5
+    empty = [-1] * 10
+    history = torch.tensor([
+        [1, 2, 3, 4, 6, 7, 8, 9, 10, 11],  # 5 absent
+        [5] + empty[1:],  # 5 once: ratio 0.1, not above the threshold
+        [5, 5] + empty[2:],  # 5 twice: ratio 0.2 > 0.1: random sampling
+    ])  # fmt: skip
+
+    def draw(seed: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.stack([sample_logits(logits, 1.0, top_p=0.5, generator=g, history=history) for _ in range(200)])
+
+    draws = draw(0)  # (200, 3)
+    assert (draws[:, :2] == 5).all()  # nucleus sampling: always the dominant token
+    switched = draws[:, 2] != 5
+    assert 0.2 < switched.float().mean() < 0.6  # plain sampling: about 38% other tokens
+    assert torch.equal(draws, draw(0)) and not torch.equal(draws, draw(1))
+    # without a history the same call never leaves the nucleus
+    g = torch.Generator().manual_seed(0)
+    assert all((sample_logits(logits, 1.0, top_p=0.5, generator=g) == 5).all() for _ in range(50))
+
+
+def _looping_ar(stop_bias: float, loop_bias: float = 8.0) -> AR:
+    """ar-tiny whose classifier strongly prefers code 7 (it loops) with the given stop-token bias."""
+    torch.manual_seed(0)
+    model = get_model("ar-tiny").eval()
+    with torch.no_grad():
+        model.classifier.bias[7] = loop_bias
+        model.classifier.bias[model.stop_token] = stop_bias
+    return model
+
+
+def test_ras_breaks_a_loop_in_generation():
+    model = _looping_ar(stop_bias=-100.0)
+    text, proms, resps = make_batch(LENS, seed=6)
+    kw = dict(max_steps=40, temperature=1.0, top_p=0.5)
+    plain = model.generate(text, proms, generator=torch.Generator().manual_seed(0), **kw)
+    assert all(len(o) == 40 and (o == 7).all() for o in plain)  # nucleus sampling repeats code 7 forever
+    prefix = [r[:n, 0] for r, n in zip(resps, (0, 4, 12))]
+    kw.update(ras=True, prefix_list=prefix)
+    a = model.generate(text, proms, generator=torch.Generator().manual_seed(0), **kw)
+    b = model.generate(text, proms, generator=torch.Generator().manual_seed(0), use_cache=False, **kw)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # deterministic, cached == recomputed
+    for o in a:
+        share = (o == 7).float().mean()
+        assert 0.2 < share < 0.95, share  # RAS replaced repeated draws with plain random ones
+
+
+def test_stop_token_survives_top_k_and_top_p():
+    logits = torch.tensor([[5.0, 4.5, 0.0, 4.0]])  # token 3 plays the stop token
+    g = torch.Generator().manual_seed(0)
+    for kw in (dict(top_k=1), dict(top_p=0.3), dict(top_k=2, top_p=0.1)):
+        draws = {sample_logits(logits, 1.0, generator=g, keep_token=3, **kw).item() for _ in range(100)}
+        assert draws == {0, 3}, kw  # only the filtered set plus the stop token
+    # a model whose stop token is only the second choice stops although top_k=1 alone would exclude it
+    model = _looping_ar(stop_bias=7.5)
+    text, proms, _ = make_batch(LENS, seed=7)
+    out = model.generate(text, proms, max_steps=60, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert all(len(o) < 60 for o in out)
+
+
+def test_length_guard_cuts_a_model_that_never_stops():
+    model = _looping_ar(stop_bias=-100.0, loop_bias=0.0)
+    text, proms, _ = make_batch(LENS, seed=8)
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(0)
+        out = model.generate(text, proms, max_steps=20, max_lens=[3, 0, 50], generator=g, use_cache=use_cache)
+        assert [len(o) for o in out] == [3, 0, 20]  # each cut at min(its limit, max_steps)
+        assert all(int(o.max()) < model.stop_token for o in out if len(o))
+
+
+def test_positions_stay_float32_in_half_precision_models():
+    """Half-precision models compute the sinusoid frequencies in float32 (no castable buffer)."""
+    torch.manual_seed(0)
+    model = get_model("ar-tiny")
+    ref = model._positions(1500)
+    half = model.to(torch.bfloat16)
+    assert not any(b.is_floating_point() for b in half.buffers())
+    torch.testing.assert_close(half._positions(1500), ref.to(torch.bfloat16), rtol=0, atol=0)
+
 @pytest.mark.parametrize("with_prefix", [False, True])
 def test_greedy_cache_equals_recompute(ar, with_prefix):
     text, proms, resps = make_batch(LENS, seed=1)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import Base, Block, ModelOutput, sample_logits, select_spans
+from .base import RAS_THRESHOLD, RAS_WINDOW, Base, Block, ModelOutput, sample_logits, select_spans
 
 
 class AR(Base):
@@ -94,8 +94,15 @@ class AR(Base):
         prefix_list: Optional[list[Tensor]] = None,
         ignore_stop: bool = False,
         use_cache: bool = True,
+        ras: bool = False,
+        ras_window: int = RAS_WINDOW,
+        ras_threshold: float = RAS_THRESHOLD,
+        max_lens: Optional[Sequence[int]] = None,
     ) -> list[Tensor]:
         """Sample codebook 1 for every sample of a batch.
+
+        The stop token is never filtered out by ``top_k``/``top_p`` (it keeps its plain probability),
+        so a restrictive filter cannot make a generation endless.
 
         Args:
             text_list: b x ``(t_text,)`` phone ids.
@@ -111,16 +118,45 @@ class AR(Base):
                 steps; for benchmarks.
             use_cache: False recomputes the whole sequence at every step (the reference's way; for
                 tests and benchmarks).
+            ras: repetition-aware sampling (VALL-E 2, arXiv 2406.05370, section 3.3): a code drawn by
+                the greedy/top-k/nucleus rule that already fills more than ``ras_threshold`` of the
+                last ``ras_window`` codes (the prefix's included) is replaced by a draw from the plain
+                temperature distribution. Paper defaults: window 10, threshold 0.1, with nucleus sampling.
+            ras_window: K, the history window in frames.
+            ras_threshold: the repetition ratio above which the fallback draw is used.
+            max_lens: b most frames per sample (the length guard, e.g. frames per phone x phones);
+                a sample that reaches its limit is stopped there. None: ``max_steps`` for all.
         Returns:
-            b x ``(t_gen,)`` generated codes, without the stop token.
+            b x ``(t_gen,)`` generated codes, without the stop token. A sample whose length equals its
+            limit (``max_lens[i]`` or ``max_steps``) was cut there, not stopped by the model.
         """
         model = self._unsharded()
         if model is not self:
-            args = (max_steps, temperature, top_k, top_p, generator, prefix_list, ignore_stop, use_cache)
-            return model.generate(text_list, proms_list, *args)
+            return model.generate(
+                text_list, proms_list, max_steps=max_steps, temperature=temperature, top_k=top_k, top_p=top_p,
+                generator=generator, prefix_list=prefix_list, ignore_stop=ignore_stop, use_cache=use_cache,
+                ras=ras, ras_window=ras_window, ras_threshold=ras_threshold, max_lens=max_lens,
+            )
         b = len(text_list)
         if prefix_list is None:
             prefix_list = [text_list[0].new_zeros(0) for _ in range(b)]
+        limits = None
+        if max_lens is not None:
+            if len(max_lens) != b:
+                raise ValueError(f"max_lens has {len(max_lens)} entries for {b} samples")
+            caps = [max(0, min(int(n), max_steps)) for n in max_lens]
+            max_steps = max(caps + [1])  # never run past the longest allowed sample
+            limits = torch.tensor(caps, device=self.device)
+        history = None
+        if ras:
+            if ras_window < 1:
+                raise ValueError(f"ras_window must be at least 1; got {ras_window}")
+            # the window before step 0, oldest first, so step k overwrites slot k % K (the oldest)
+            history = torch.full((b, ras_window), -1, dtype=torch.long, device=self.device)
+            for i, pre in enumerate(prefix_list):
+                tail = pre[-ras_window:] if len(pre) else pre
+                if len(tail):
+                    history[i, ras_window - len(tail) :] = tail
         was_training = self.training
         self.eval()  # no dropout while sampling
         try:
@@ -134,9 +170,16 @@ class AR(Base):
             for step in range(max_steps):
                 if ignore_stop:
                     logits[:, self.stop_token] = -math.inf
-                token = sample_logits(logits, temperature, top_k, top_p, generator)
+                token = sample_logits(
+                    logits, temperature, top_k, top_p, generator, keep_token=self.stop_token,
+                    history=history, ras_threshold=ras_threshold,
+                )
+                if limits is not None:
+                    token = token.masked_fill(limits <= step, self.stop_token)  # the length guard
+                if history is not None:
+                    history[:, step % ras_window] = token
                 out[:, step] = token
-                if not ignore_stop:
+                if not ignore_stop or limits is not None:
                     stopped |= token == self.stop_token
                     if step % check_every == 0 and bool(stopped.all()):
                         break

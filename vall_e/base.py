@@ -177,9 +177,11 @@ class MultiEmbedding(nn.Module):
 class Norm(nn.Module):
     """LayerNorm; with ``n_levels > 0`` an AdaLN whose scale and shift depend on the level.
 
-    AdaLN as the VALL-E paper writes it: ``exp(log_gamma[l]) * LayerNorm(x) + beta[l]``, starting
-    at the identity affine (zero init). The reference code also multiplied by an "AdaNorm" factor
-    ``2 * (1 - 0.1 * h.detach())``; we follow the paper.
+    The VALL-E paper writes AdaLN as ``a * LayerNorm(h) + b`` with ``a`` and ``b`` computed from
+    the level embedding. We parameterize the scale as ``a = exp(log_gamma[l])`` (our choice, not the
+    paper's: it keeps the scale positive and lets a zero init start at the identity affine, ``a = 1,
+    b = 0``), so the norm is ``exp(log_gamma[l]) * LayerNorm(x) + beta[l]``. The reference code also
+    multiplied by an "AdaNorm" factor ``2 * (1 - 0.1 * h.detach())``; we leave that out, as the paper does.
     """
 
     def __init__(self, d_model: int, n_levels: int = 0):
@@ -309,31 +311,61 @@ class Block(nn.Module):
         return torch.addmm(x, h, w_fc2).add_(b_fc2)
 
 
+RAS_WINDOW = 10  # VALL-E 2 (arXiv 2406.05370, section 3.3): the history window K
+RAS_THRESHOLD = 0.1  # ... and the repetition ratio t_r above which a nucleus draw is replaced
+
+
 def sample_logits(
     logits: Tensor,
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
     generator: Optional[torch.Generator] = None,
+    keep_token: Optional[int] = None,
+    history: Optional[Tensor] = None,
+    ras_threshold: float = RAS_THRESHOLD,
 ) -> Tensor:
     """Draw one token per row of ``logits`` ``(b, c)`` -> ``(b,)``.
 
     ``temperature == 0`` is greedy. ``top_k > 0`` keeps the k most likely tokens; ``top_p < 1`` keeps
     the smallest set whose probability reaches ``top_p`` (nucleus). Without either, no sort is done.
+
+    Args:
+        keep_token: a token id that ``top_k``/``top_p`` never filter out (the AR's stop token: a small
+            ``top_k`` must not make stopping impossible). It keeps its unfiltered logit.
+        history: ``(b, K)`` the last K tokens of each row (``-1`` = empty slot), or None. Turns on
+            repetition-aware sampling (VALL-E 2, section 3.3): a token drawn by the filtered
+            (greedy / top-k / nucleus) rule whose share of the window exceeds ``ras_threshold`` is
+            replaced by a draw from the plain distribution (temperature only, no filtering; at
+            ``temperature == 0`` the fallback samples at temperature 1). Both draws are made for
+            every row, so the generator advances the same way whatever the history: results are
+            reproducible under a seed and the batched loop needs no data-dependent branch.
+        ras_threshold: the repetition ratio above which the fallback is used (paper: 0.1 with K = 10,
+            i.e. a token already present twice in the last 10 steps).
     """
     if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= top_p  # keep tokens until the mass before them reaches p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = logits.argmax(-1)
+        plain = logits.float() if history is not None else None
+    else:
+        logits = logits.float() / temperature
+        plain = logits
+        if 0 < top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        if top_p < 1.0:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            probs = sorted_logits.softmax(-1)
+            drop = probs.cumsum(-1) - probs >= top_p  # keep tokens until the mass before them reaches p
+            logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
+        if keep_token is not None and logits is not plain:
+            logits[:, keep_token] = plain[:, keep_token]
+        token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    if history is None:
+        return token
+    assert plain is not None
+    fallback = torch.multinomial(plain.softmax(-1), 1, generator=generator).squeeze(-1)
+    ratio = (history == token[:, None]).sum(-1) / history.shape[-1]
+    return torch.where(ratio > ras_threshold, fallback, token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,8 +392,6 @@ class Base(nn.Module):
         self.prom_emb = MultiEmbedding(config.n_prompt_levels, config.n_audio_tokens, d)
         self.resp_emb = MultiEmbedding(self.n_input_levels, self.n_input_tokens, d)
         self.sep = nn.Parameter(torch.randn(d))
-        half = d // 2
-        self.register_buffer("omega", torch.exp(-math.log(1e4) * torch.arange(half) / half), persistent=False)
         self.blocks = nn.ModuleList(
             Block(d, config.n_heads, config.p_dropout, self.n_cond_levels) for _ in range(config.n_layers)
         )
@@ -426,9 +456,18 @@ class Base(nn.Module):
     # internals --------------------------------------------------------------------------------
 
     def _positions(self, n: int) -> Tensor:
-        """Sinusoidal position embeddings ``(n, d)``: ``[sin(p * w), cos(p * w)]`` as in the reference."""
+        """Sinusoidal position embeddings ``(n, d)``: ``[sin(p * w), cos(p * w)]`` as in the reference.
+
+        The frequencies ``w`` are computed here in float32 at every call rather than kept in a buffer:
+        older DeepSpeed engines (and any ``model.half()``/``.to(bfloat16)``) cast floating buffers to the
+        training dtype, and bf16 frequencies put the positions of training and inference 0.2-0.3 RMS
+        apart near position 1000. Nothing can cast these; it costs ``d / 2`` exponentials per forward.
+        """
+        half = self.config.d_model // 2
+        dev = self.sep.device
+        omega = torch.exp(-math.log(1e4) * torch.arange(half, device=dev, dtype=torch.float32) / half)
         # float32 even in a half-precision model: positions reach the thousands
-        angles = torch.arange(n, device=self.omega.device, dtype=torch.float32)[:, None] * self.omega.float()
+        angles = torch.arange(n, device=dev, dtype=torch.float32)[:, None] * omega
         return torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.sep.dtype)
 
     def _sequences(
