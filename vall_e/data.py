@@ -316,6 +316,18 @@ class DataBundle:
     def speakers(self) -> list[str]:
         return sorted({self.spkr_names[s] for s in np.unique(self.spk[self.train]).tolist()})
 
+    def max_frames_per_phone(self) -> float:
+        """The largest frames / phones ratio over the training utterances (0.0 without any).
+
+        Exported with the model: synthesis stops the AR at this many frames per phone of the text
+        (the length guard), so a model that never emits its stop token is still cut at a length
+        no training utterance exceeded relative to its text.
+        """
+        rows = self.train
+        if len(rows) == 0:
+            return 0.0
+        return float((self.n_frames[rows] / np.maximum(self.n_phones[rows], 1)).max())
+
     def own_cost(self, rows: np.ndarray) -> np.ndarray:
         """Sequence length of ``rows`` without a prompt: phones + ``<s>``/``</s>`` + 2 separators + frames."""
         return self.n_phones[rows] + 4 + self.n_frames[rows]

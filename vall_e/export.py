@@ -19,6 +19,8 @@ DeepSpeed. It is a plain dict::
     phone_map       {phone: id} the model was trained with (ids from 1; 0 = padding)
     speakers        training speakers (informational)
     step            training step of the checkpoint
+    max_frames_per_phone  largest frames/phones ratio of the training set (the length guard; None
+                    for checkpoints written before it was recorded)
     checkpoint      where it came from (informational)
     state_dict      {name: float32 tensor}
 
@@ -195,9 +197,14 @@ def read_checkpoint(ckpt_dir: str | Path, tag: str | None = None, trust_checkpoi
         "phone_map": {str(k): int(v) for k, v in phone_map.items()},
         "speakers": [str(s) for s in client.get("speakers", [])],
         "step": int(client.get("step", 0)),
+        "max_frames_per_phone": _optional_float(client.get("max_frames_per_phone")),
         "checkpoint": str(tag_dir),
         "state_dict": _float32(state_dict),
     }
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _zero3_state_dict(ckpt_dir: Path, tag: str) -> dict[str, Any]:

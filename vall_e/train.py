@@ -275,6 +275,8 @@ def _train(cfg: Config) -> int:
         state = TrainState(
             extra={"phone_map": data.phone_map, "speakers": data.speakers, "model": cfg.model, "hparams": model.hparams}
         )
+    # measured on this run's training set every start (older checkpoints lack it); export reads it
+    state.extra["max_frames_per_phone"] = data.max_frames_per_phone()
     if leader:
         _logger.info("model %s: %.2fM parameters; data %s", cfg.model, n_params / 1e6, json.dumps(summarize(data)))
         atomic_write_text(json.dumps(data.phone_map, indent=1), cfg.ckpt_dir / "phone_map.json")
