@@ -238,3 +238,102 @@ def test_missing_corrupt_and_swapped_model_files(zoo, utts, tmp_path, capsys):
     assert "corrupt" in capsys.readouterr().err and not out.exists()
     assert main([text, str(tmp_path / "no.wav"), str(out), *ckpt_args(zoo), *FAST]) == 2
     assert "no.wav" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding safeguards: length guard, repetition-aware sampling, continuation's NAR loop
+
+
+@pytest.fixture(scope="session")
+def never_stops(zoo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The exported tiny AR with its stop token made unreachable (logit bias -100): it never stops."""
+    data = torch.load(zoo["ar"], map_location="cpu", weights_only=True)
+    data["state_dict"]["classifier.bias"][1024] = -100.0
+    path = tmp_path_factory.mktemp("never_stops") / "ar.pt"
+    torch.save(data, path)
+    return path
+
+
+def test_export_records_max_frames_per_phone(synth, prepared_corpus):
+    recorded = synth.ar_meta["max_frames_per_phone"]
+    ratios = []
+    for q in prepared_corpus.rglob("*.qnt.pt"):
+        phones = q.with_name(q.name.split(".")[0] + ".phn.txt").read_text().split()
+        ratios.append(torch.load(q, weights_only=True).shape[-1] / len(phones))
+    # the largest ratio of the training split (a subset of the corpus: one utterance is validation)
+    assert isinstance(recorded, float) and 0 < recorded <= max(ratios) + 1e-9
+    assert recorded >= sorted(ratios)[-2] - 1e-9
+
+
+def test_length_guard_cuts_a_model_that_never_stops(never_stops, zoo, utts, tmp_path, capsys):
+    import math
+
+    (ref, _), (_, text) = utts[0], utts[1]
+    synth = Synthesizer(never_stops, zoo["nar"], device="cpu", codec_weights="untrained")
+    out = synth.synthesize(text, ref, seed=0, max_ar_steps=200, frames_per_phone=0.5)
+    assert not out.stopped and out.cut == "length_guard"
+    assert len(out.codes) == out.max_frames == math.ceil(0.5 * len(out.phones))
+    off = synth.synthesize(text, ref, seed=0, max_ar_steps=STEPS, frames_per_phone=0)  # guard off
+    assert off.cut == "max_ar_steps" and len(off.codes) == STEPS
+    # by default the guard is the model's recorded ratio
+    auto = synth.synthesize(text, ref, seed=0, max_ar_steps=10_000)
+    ratio = synth.ar_meta["max_frames_per_phone"]
+    assert auto.cut == "length_guard" and len(auto.codes) == math.ceil(ratio * len(auto.phones))
+    # the CLI says so
+    args = ["--ar-ckpt", str(never_stops), "--nar-ckpt", str(zoo["nar"]), "--device", "cpu", "codec_weights=untrained"]
+    assert main([text, str(ref), str(tmp_path / "g.wav"), *args, "--frames-per-phone", "0.5", "--seed", "0"]) == 0
+    assert "length guard fired on 1 output" in capsys.readouterr().err
+
+
+def test_ras_option_reaches_the_ar_and_is_reproducible(synth, zoo, utts, tmp_path, monkeypatch):
+    (ref, _), (_, text) = utts[0], utts[1]
+    seen = {}
+    real_generate = synth.ar.generate
+
+    def spy(text_list, proms_list, **kw):
+        seen.update(kw)
+        return real_generate(text_list, proms_list, **kw)
+
+    monkeypatch.setattr(synth.ar, "generate", spy)
+    kw = dict(seed=4, max_ar_steps=STEPS, top_p=0.5, ras=True, ras_window=6, ras_threshold=0.2)
+    a, b = synth.synthesize(text, ref, **kw), synth.synthesize(text, ref, **kw)
+    assert seen["ras"] is True and seen["ras_window"] == 6 and seen["ras_threshold"] == 0.2
+    assert torch.equal(a.codes, b.codes)
+    with pytest.raises(SynthesisError, match="ras_window"):
+        synth.synthesize(text, ref, ras=True, ras_window=0)
+    out = tmp_path / "ras.wav"
+    assert main([text, str(ref), str(out), *ckpt_args(zoo), "--ras", "--top-p", "0.5", "--seed", "1", *FAST]) == 0
+    assert out.is_file()
+
+
+def test_continuation_nar_keeps_reference_codes(synth, utts, monkeypatch):
+    """Continuation mode: the NAR fills levels 2..8 of the new frames one level at a time while the
+    reference frames keep their true codes at every level, and the decoder sees them."""
+    (ref, ref_text), (_, text) = utts[0], utts[1]
+    decoded = []
+    real_decode = qnt.decode
+
+    def spy(codes, **kw):
+        decoded.append(codes.clone())
+        return real_decode(codes, **kw)
+
+    monkeypatch.setattr(qnt, "decode", spy)
+    nar_levels = []
+    real_nar = synth.nar.generate
+
+    def nar_spy(text_list, proms_list, resps_list, **kw):
+        nar_levels.append(kw["max_levels"])
+        # the context given to each level: the reference's true codes below the level predicted
+        t_ref = len(full)
+        for r in resps_list:
+            assert torch.equal(r[:t_ref], full[:, : r.shape[1]].to(r.device))
+        return real_nar(text_list, proms_list, resps_list, **kw)
+
+    full = synth.encode_reference(ref, None)  # (t, 8)
+    monkeypatch.setattr(synth.nar, "generate", nar_spy)
+    out = synth.synthesize(text, ref, ref_text=ref_text, seed=2, max_ar_steps=STEPS, nar_temp=1.0)
+    assert nar_levels == list(range(2, 9))  # one pass per level
+    (codes,) = decoded
+    assert codes.shape == (len(full) + len(out.codes), 8)
+    assert torch.equal(codes[: len(full)], full)  # all 8 levels of the reference kept
+    assert torch.equal(codes[len(full) :], out.codes)

@@ -49,6 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="AR top-k sampling, 0 = off (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="AR nucleus sampling mass, 1 = off (default)")
     p.add_argument("--max-ar-steps", type=int, default=1000, help="most AR frames per output, 75 per second (default 1000)")
+    p.add_argument("--ras", action="store_true",
+                   help="repetition-aware sampling (VALL-E 2): a code that fills more than --ras-threshold of the last "
+                        "--ras-window codes is redrawn without the top-k/top-p filter; use with --top-p < 1 (default off)")
+    p.add_argument("--ras-window", type=int, default=10, help="RAS history window K in frames (default 10, the paper's)")
+    p.add_argument("--ras-threshold", type=float, default=0.1, help="RAS repetition ratio threshold (default 0.1, the paper's)")
+    p.add_argument("--frames-per-phone", type=float, default=None,
+                   help="length guard: at most this many AR frames per phone of the text (default: the largest ratio "
+                        "of the AR's training set, stored at export; 0 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same wav (default: random, printed)")
     p.add_argument("--prompt-seconds", type=float, default=None,
                    help="use the first N seconds of the reference as the prompt (default 3.0; 0 = all of it)")
@@ -156,7 +164,8 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
               "(it only proves the pipeline runs); use codec_weights=pretrained or a weights file for real audio",
               file=sys.stderr)
     options = dict(ar_temp=args.ar_temp, nar_temp=args.nar_temp, top_k=args.top_k, top_p=args.top_p,
-                   max_ar_steps=args.max_ar_steps, seed=seed, prompt_seconds=prompt_seconds)
+                   max_ar_steps=args.max_ar_steps, seed=seed, prompt_seconds=prompt_seconds, ras=args.ras,
+                   ras_window=args.ras_window, ras_threshold=args.ras_threshold, frames_per_phone=args.frames_per_phone)
     try:
         synth = Synthesizer(args.ar_ckpt, args.nar_ckpt, device=device, codec_weights=codec_weights)
         # one-time loads before the clock starts, so the real-time factor measures synthesis alone
@@ -175,7 +184,7 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    status, total, written, cut = 0, 0.0, 0, 0
+    status, total, written, cut, guarded = 0, 0.0, 0, 0, 0
     for res, path in zip(results, names):
         if res.wav.shape[-1] == 0:
             print(f"error: no audio for {path}: the AR stopped at once; try another --seed or a higher --ar-temp",
@@ -185,12 +194,18 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
         write_wav(res.wav, res.sample_rate, path)
         total += res.seconds
         written += 1
-        cut += not res.stopped
+        cut += res.cut == "max_ar_steps"
+        guarded += res.cut == "length_guard"
         if jobs is not None:
-            print(f"{path}  {res.seconds:.2f} s")
+            print(f"{path}  {res.seconds:.2f} s" + (f"  (cut by {res.cut} at {res.max_frames} frames)" if res.cut else ""))
     if cut:
         print(f"note: {cut} output(s) reached --max-ar-steps {args.max_ar_steps} before the AR's stop token and are cut "
               "there; raise --max-ar-steps if the speech is incomplete", file=sys.stderr)
+    if guarded:
+        limit = "--frames-per-phone" if args.frames_per_phone is not None else "the AR's max frames per phone (from its training set)"
+        print(f"note: the length guard fired on {guarded} output(s): the AR did not stop within {limit} x the text's "
+              "phones, so they are cut there (a model that does not stop usually loops or babbles; try another --seed, "
+              "--ras with a --top-p below 1, or raise --frames-per-phone)", file=sys.stderr)
     if written:
         rtf = f"real-time factor {elapsed / total:.3f} ({synth.device}, seed {results[0].seed})"
         if jobs is None:

@@ -23,13 +23,26 @@ How a request becomes audio (Wang et al. 2023):
 4. the NAR fills codebooks 2..8, one greedy-ish pass per level;
 5. the EnCodec decoder turns the ``(t, 8)`` codes into a 24 kHz waveform.
 
-Continuation mode (``ref_text`` = the transcript of the reference; the paper's VALL-E-continual):
-the reference's phones precede the target's in the text, the whole reference is the prompt, and
+Continuation mode (``ref_text`` = the transcript of the reference): this is the paper's standard
+VALL-E inference, where the enrolled recording's transcript precedes the target text and its codes
+are the AR's prefix. (The paper's VALL-E-continual is a different setting: the first 3 s of the
+*same* utterance as the prompt, continued.) The reference's phones precede the target's in the text, the whole reference is the prompt, and
 the AR continues from the reference's own codebook-1 codes (``prefix_list``). The NAR fills the
 levels of the generated frames while the reference's frames keep their true codes at every
 level; the decoder runs over reference + new frames (the codec is causal, so the joint is
 smooth) and only the new part is returned. ``prompt_seconds`` does not apply there: the
 transcript must match the audio.
+
+Decoding safeguards (on the AR):
+
+- the stop token is never filtered out by ``top_k``/``top_p``;
+- the length guard: each output is cut at ``frames_per_phone`` x the target's phone count (default:
+  the largest frames/phones ratio of the model's training set, recorded at export), and at
+  ``max_ar_steps``; :attr:`Synthesis.cut` says which limit ended an output that the model did not stop;
+- ``ras=True``: repetition-aware sampling (VALL-E 2, arXiv 2406.05370, section 3.3; off by default):
+  a code drawn by the nucleus/top-k rule whose share of the last ``ras_window`` (paper: 10) codes
+  exceeds ``ras_threshold`` (paper: 0.1) is redrawn from the plain temperature distribution. It
+  only changes anything together with a filter (``top_p < 1`` as in the paper, ``top_k``, or greedy).
 
 Reproducibility: the same requests, options and ``seed`` give identical audio (one
 ``torch.Generator`` per batch, seeded ``seed + batch index``) on the same device and software.
@@ -49,6 +62,9 @@ if TYPE_CHECKING:
 
     from .base import Base
 
+# VALL-E 2's repetition-aware sampling defaults (window K, threshold t_r); the same values as vall_e.base's
+RAS_WINDOW = 10
+RAS_THRESHOLD = 0.1
 DEFAULT_PROMPT_SECONDS = 3.0  # the paper's 3 s enrolled recording
 SEPARATOR = "_"  # g2p's word separator; joins the reference's and the target's phones
 
@@ -93,8 +109,11 @@ class Synthesis:
         sample_rate: 24000.
         codes: ``(t, 8)`` the generated codes (without the reference's in continuation mode).
         seed: the seed of the call (given or drawn); the same requests and options with it give the same audio.
-        stopped: False when the AR hit ``max_ar_steps`` before its stop token (the audio is cut).
+        stopped: False when the AR did not emit its stop token: the audio is cut (see ``cut``).
         phones: the phones the models read, without ``<s>``/``</s>``.
+        cut: why an output that did not stop was cut: ``"length_guard"`` (``frames_per_phone`` x the
+            target's phones) or ``"max_ar_steps"``; None when the AR stopped by itself.
+        max_frames: the frame limit this output had (the smaller of the length guard and ``max_ar_steps``).
     """
 
     wav: "Tensor"
@@ -103,6 +122,8 @@ class Synthesis:
     seed: int
     stopped: bool
     phones: list[str] = field(default_factory=list)
+    cut: Optional[str] = None
+    max_frames: int = 0
 
     @property
     def seconds(self) -> float:
@@ -297,6 +318,10 @@ class Synthesizer:
         seed: Optional[int] = None,
         prompt_seconds: Optional[float] = DEFAULT_PROMPT_SECONDS,
         batch_size: int = 8,
+        ras: bool = False,
+        ras_window: int = RAS_WINDOW,
+        ras_threshold: float = RAS_THRESHOLD,
+        frames_per_phone: Optional[float] = None,
     ) -> list[Synthesis]:
         """Synthesize many requests, ``batch_size`` at a time (one KV-cached AR pass per batch).
 
@@ -311,6 +336,16 @@ class Synthesizer:
             prompt_seconds: crop each reference to its first seconds (None or <= 0: keep it all);
                 ignored in continuation mode.
             batch_size: requests per forward pass.
+            ras: repetition-aware sampling in the AR (VALL-E 2, section 3.3; off by default). It acts
+                on draws of the filtered rule, so use it with ``top_p < 1`` (the paper's nucleus
+                sampling), ``top_k`` or ``ar_temp=0``.
+            ras_window: RAS history window K in frames (paper: 10).
+            ras_threshold: RAS repetition ratio above which a draw is redone from the plain
+                distribution (paper: 0.1).
+            frames_per_phone: the length guard: at most ``ceil(frames_per_phone x phones of the
+                text)`` AR frames per output. None uses the AR export's ``max_frames_per_phone`` (the
+                largest ratio of its training set; no guard for older exports without it); 0 turns
+                the guard off (``max_ar_steps`` still applies).
         Raises:
             SynthesisError: a request that cannot be done; checked for all requests before any
                 generation starts. ``AudioError`` / ``CodecUnavailableError`` from :mod:`vall_e.emb.qnt`
@@ -321,6 +356,15 @@ class Synthesizer:
         if not requests:
             return []
         _check_options(ar_temp, nar_temp, top_k, top_p, max_ar_steps, batch_size)
+        if ras_window < 1 or not 0 <= ras_threshold <= 1:
+            raise SynthesisError(f"ras_window must be >= 1 and ras_threshold within [0, 1]; got {ras_window}, {ras_threshold}")
+        if frames_per_phone is None:
+            frames_per_phone = self.ar_meta.get("max_frames_per_phone") or 0.0
+        if frames_per_phone < 0:
+            raise SynthesisError(f"frames_per_phone must be >= 0 (0 = no length guard); got {frames_per_phone}")
+        sampling = dict(ar_temp=ar_temp, nar_temp=nar_temp, top_k=top_k, top_p=top_p, max_ar_steps=max_ar_steps,
+                        ras=ras, ras_window=ras_window, ras_threshold=ras_threshold,
+                        frames_per_phone=float(frames_per_phone))
         if seed is None:
             seed = secrets.randbelow(2**31)
         prepared = [self._prepare(r, prompt_seconds, i, len(requests)) for i, r in enumerate(requests)]
@@ -330,7 +374,7 @@ class Synthesizer:
         for b, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start : start + batch_size]
             gen = torch.Generator(device=self.device).manual_seed(seed + b)
-            outs = self._generate([prepared[i] for i in idx], gen, ar_temp, nar_temp, top_k, top_p, max_ar_steps)
+            outs = self._generate([prepared[i] for i in idx], gen, **sampling)
             for i, out in zip(idx, outs):
                 out.seed = seed
                 results[i] = out
@@ -358,6 +402,7 @@ class Synthesizer:
             raise type(e)(where + str(e), *_extra_args(e)) from None
         return {
             "phones": text_phones,
+            "n_target_phones": len(phones),  # what the length guard scales with
             "ar_text": self._ids(text_phones, self.ar_meta),
             "nar_text": self._ids(text_phones, self.nar_meta),
             "prompt": prompt.to(self.device),
@@ -365,16 +410,25 @@ class Synthesizer:
         }
 
     @_inference_mode()
-    def _generate(self, batch: list[dict[str, Any]], gen, ar_temp, nar_temp, top_k, top_p, max_ar_steps) -> list[Synthesis]:
+    def _generate(
+        self, batch: list[dict[str, Any]], gen: "torch.Generator", *, ar_temp: float, nar_temp: float, top_k: int,
+        top_p: float, max_ar_steps: int, ras: bool, ras_window: int, ras_threshold: float, frames_per_phone: float,
+    ) -> list[Synthesis]:
+        import math
+
         import torch
 
         from .emb import qnt
 
         proms = [p["prompt"] for p in batch]
         prefixes = [p["prefix"] for p in batch]
+        # the length guard: frames per phone of the target text (the reference part is the prefix)
+        guards = [math.ceil(frames_per_phone * p["n_target_phones"]) if frames_per_phone > 0 else None for p in batch]
+        limits = [max_ar_steps if g is None else min(g, max_ar_steps) for g in guards]
         new = self.ar.generate(
             [p["ar_text"] for p in batch], proms, max_steps=max_ar_steps, temperature=ar_temp,
             top_k=top_k, top_p=top_p, generator=gen, prefix_list=[pre[:, 0] for pre in prefixes],
+            ras=ras, ras_window=ras_window, ras_threshold=ras_threshold, max_lens=limits,
         )  # b x (t_new,) codebook 1, prefix excluded
         n_levels = self.nar.config.n_resp_levels
         full: list[Optional[Tensor]] = [None] * len(batch)
@@ -403,9 +457,11 @@ class Synthesizer:
             else:
                 wav, _ = qnt.decode(codes.cpu(), device=self.device, codec_weights=self.codec_weights)  # (1, n)
                 wav = wav[:, t_pre * qnt.HOP_LENGTH :].contiguous()  # continuation: only the new part
-            stopped = len(new[i]) < max_ar_steps
-            outs.append(Synthesis(wav=wav, sample_rate=qnt.SAMPLE_RATE, codes=gen_codes, seed=-1, stopped=stopped,
-                                  phones=list(p["phones"])))
+            cut = None
+            if len(new[i]) >= limits[i]:  # the AR was stopped at its limit, not by its stop token
+                cut = "length_guard" if guards[i] is not None and guards[i] < max_ar_steps else "max_ar_steps"
+            outs.append(Synthesis(wav=wav, sample_rate=qnt.SAMPLE_RATE, codes=gen_codes, seed=-1, stopped=cut is None,
+                                  phones=list(p["phones"]), cut=cut, max_frames=limits[i]))
         return outs
 
 
@@ -494,6 +550,10 @@ def synthesize(
     max_ar_steps: int = 1000,
     seed: Optional[int] = None,
     prompt_seconds: Optional[float] = DEFAULT_PROMPT_SECONDS,
+    ras: bool = False,
+    ras_window: int = RAS_WINDOW,
+    ras_threshold: float = RAS_THRESHOLD,
+    frames_per_phone: Optional[float] = None,
 ) -> tuple["Tensor", int]:
     """Speak ``text`` in the voice of ``ref_wav``; returns ``(wav (1, n) float32 CPU, 24000)``.
 
@@ -506,5 +566,6 @@ def synthesize(
     out = synth.synthesize(
         text, ref_wav, ref_text, ar_temp=ar_temp, nar_temp=nar_temp, top_k=top_k, top_p=top_p,
         max_ar_steps=max_ar_steps, seed=seed, prompt_seconds=prompt_seconds,
+        ras=ras, ras_window=ras_window, ras_threshold=ras_threshold, frames_per_phone=frames_per_phone,
     )
     return out.wav, out.sample_rate
