@@ -196,6 +196,10 @@ def test_repetition_aware_sampling_switches_on_repetition():
     switched = draws[:, 2] != 5
     assert 0.2 < switched.float().mean() < 0.6  # plain sampling: about 38% other tokens
     assert torch.equal(draws, draw(0)) and not torch.equal(draws, draw(1))
+    # greedy decoding falls back to temperature-1 sampling on repetition
+    g = torch.Generator().manual_seed(0)
+    greedy = torch.stack([sample_logits(logits, 0.0, generator=g, history=history) for _ in range(50)])
+    assert (greedy[:, :2] == 5).all() and (greedy[:, 2] != 5).any()
     # without a history the same call never leaves the nucleus
     g = torch.Generator().manual_seed(0)
     assert all((sample_logits(logits, 1.0, top_p=0.5, generator=g) == 5).all() for _ in range(50))

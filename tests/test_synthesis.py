@@ -298,6 +298,9 @@ def test_ras_option_reaches_the_ar_and_is_reproducible(synth, zoo, utts, tmp_pat
     kw = dict(seed=4, max_ar_steps=STEPS, top_p=0.5, ras=True, ras_window=6, ras_threshold=0.2)
     a, b = synth.synthesize(text, ref, **kw), synth.synthesize(text, ref, **kw)
     assert seen["ras"] is True and seen["ras_window"] == 6 and seen["ras_threshold"] == 0.2
+    from vall_e import base, inference
+
+    assert (inference.RAS_WINDOW, inference.RAS_THRESHOLD) == (base.RAS_WINDOW, base.RAS_THRESHOLD) == (10, 0.1)
     assert torch.equal(a.codes, b.codes)
     with pytest.raises(SynthesisError, match="ras_window"):
         synth.synthesize(text, ref, ras=True, ras_window=0)

@@ -21,8 +21,13 @@ from typing import Sequence
 USAGE_EXAMPLES = """examples:
   python -m vall_e "Hello there." ref.wav out.wav --ar-ckpt zoo/ar.pt --nar-ckpt zoo/nar.pt
   python -m vall_e "And then?" ref.wav out.wav --ref-text "transcript of ref.wav" --ar-ckpt ... --nar-ckpt ...
+  python -m vall_e "Hello there." ref.wav out.wav --ras --top-p 0.8 --ar-ckpt ... --nar-ckpt ...   (VALL-E 2 repetition-aware sampling)
   python -m vall_e --batch lines.txt ref.wav out/ --ar-ckpt ... --nar-ckpt ...
   python -m vall_e --batch lines.tsv out/ --ar-ckpt ... --nar-ckpt ...   (text<TAB>ref.wav[<TAB>ref transcript])
+
+decoding safeguards: the stop token survives --top-k/--top-p; each output is cut at the AR's largest
+frames-per-phone ratio of its training set x the text's phones (--frames-per-phone overrides, 0 = off)
+and at --max-ar-steps, with a note when that happens.
 
 config words: codec_weights=pretrained|untrained|<path> (default pretrained), help=true lists all fields.
 """
