@@ -29,19 +29,30 @@ def test_hello_world() -> None:
 
 
 @pytest.mark.parametrize(
-    "text",
-    ["Hello, world!", "  hello -- world...  ", '"Hello" (world);', "...hello? WORLD!!"],
+    "text, expected",
+    [
+        ("Hello, world!", "HH AH0 L OW1 _ _ W ER1 L D _"),  # one more _ per mark
+        ("  hello -- world...  ", "HH AH0 L OW1 _ W ER1 L D _"),  # a dash is a word gap; '...' one mark
+        ('"Hello" (world);', "HH AH0 L OW1 _ W ER1 L D"),  # symbols g2p_en deletes are gaps at most
+        ("...hello? WORLD!!", "HH AH0 L OW1 _ _ W ER1 L D _ _"),  # marks before the first word dropped
+    ],
 )
-def test_punctuation_becomes_single_separators(text: str) -> None:
-    assert g2p.encode(text) == g2p.encode("hello world")
+def test_punctuation_marks_each_add_a_separator(text: str, expected: str) -> None:
+    assert " ".join(g2p.encode(text)) == expected
+
+
+def test_punctuation_is_kept() -> None:
+    assert g2p.encode("Well, he left.") != g2p.encode("Well he left")
+    assert " ".join(g2p.encode("Well, he left.")) == "W EH1 L _ _ HH IY1 _ L EH1 F T _"
+    assert set(g2p.encode("Well, he left?")) == set(g2p.encode("Well he left"))  # no new symbols
 
 
 def test_separator_rules_on_longer_text() -> None:
     phones = g2p.encode("Wait... what? Don't stop, e.g. now!")
-    assert phones[0] != "_" and phones[-1] != "_"
-    assert all(not (a == b == "_") for a, b in zip(phones, phones[1:]))
+    assert phones[0] != "_" and phones[-1] == "_"  # the final '!' is kept
     assert all(p == "_" or p.rstrip("012").isalpha() and p.isupper() for p in phones)
-    assert phones.count("_") == 6  # wait what don't stop for example now: 7 words
+    assert phones.count("_") == 6 + 4  # wait what don't stop for example now: 6 gaps; '...', '?', ',', '!'
+    assert "_ _ _" not in " ".join(phones)
     assert g2p.encode("") == [] and g2p.encode(" ?! ") == []
 
 
@@ -142,8 +153,8 @@ def test_cli_suffix_option(tmp_path: Path) -> None:
     (tmp_path / "b.original.txt").write_text("Hello, world.\n")
     summary = g2p.phonemize_folder(tmp_path, suffix=".txt", progress=False)
     assert summary.written == 2  # the .phn.txt outputs themselves are never inputs
-    expected = "HH AH0 L OW1 _ W ER1 L D\n"
-    assert (tmp_path / "a.phn.txt").read_text() == (tmp_path / "b.phn.txt").read_text() == expected
+    assert (tmp_path / "a.phn.txt").read_text() == "HH AH0 L OW1 _ W ER1 L D\n"
+    assert (tmp_path / "b.phn.txt").read_text() == "HH AH0 L OW1 _ _ W ER1 L D _\n"  # one more _ per mark
     assert g2p.phonemize_folder(tmp_path, suffix=".txt", progress=False).skipped == 2
 
 

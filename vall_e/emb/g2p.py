@@ -1,4 +1,4 @@
-"""Text -> phones with g2p_en (ARPAbet with stress); spaces and punctuation become ``_``.
+"""Text -> phones with g2p_en (ARPAbet with stress); spaces and punctuation become ``_`` (one per mark).
 
 Library: :func:`encode` (one text) and :func:`phonemize_folder` (a corpus).
 CLI: ``python -m vall_e.emb.g2p <folder> [--suffix .normalized.txt] [--workers N] [key=value ...]``
@@ -61,6 +61,8 @@ SEPARATOR = "_"
 # ARPAbet phone with optional stress digit (g2p_en's vocabulary); anything else g2p_en returns is a
 # space or punctuation token and becomes the separator.
 _PHONE = re.compile(r"^[A-Z]{1,2}[0-2]?$")
+# punctuation g2p_en passes through (it deletes other symbols); each mark becomes one more separator
+_MARKS = frozenset(",.?!")
 _TAGGER_NAMES = ("averaged_perceptron_tagger_eng", "averaged_perceptron_tagger")
 
 _lock = threading.Lock()
@@ -224,24 +226,37 @@ def homographs_degraded() -> bool:
 
 
 def encode(text: str) -> list[str]:
-    """Phones of ``text``: g2p_en's ARPAbet with stress, ``_`` for spaces and punctuation.
+    """Phones of ``text``: g2p_en's ARPAbet with stress, ``_`` for word gaps and punctuation.
 
-    ``"hello world"`` -> ``["HH", "AH0", "L", "OW1", "_", "W", "ER1", "L", "D"]``. Separators are
-    never doubled, leading or trailing. Empty or phone-less text gives ``[]``. The G2p model loads
-    on first call (a few seconds) and is reused.
+    ``"hello world"`` -> ``["HH", "AH0", "L", "OW1", "_", "W", "ER1", "L", "D"]``. A word gap is one
+    ``_``; each punctuation mark g2p_en keeps (``,`` ``.`` ``?`` ``!``, a run such as ``...`` counts
+    once) adds one more ``_`` where it stands, so ``"Well, he left."`` ->
+    ``W EH1 L _ _ HH IY1 _ L EH1 F T _`` differs from ``"Well he left"`` -> ``W EH1 L _ HH IY1 _ L EH1 F T``.
+    This is the reference implementation's choice (one ``_`` per mark): the phone inventory stays
+    the same (no new symbols, so models trained on the old phones still read every text), while the
+    pauses that punctuation marks are no longer erased. Marks before the first word are dropped;
+    marks after the last word are kept (a trailing ``_`` per mark). Other symbols (quotes, dashes,
+    apostrophes between words) are word gaps. Empty or phone-less text gives ``[]``. The G2p model
+    loads on first call (a few seconds) and is reused.
     """
     raw = _load()(text)
     phones: list[str] = []
+    gap, marks = False, 0  # separators seen since the last phone
     for token in raw:
         token = token.strip()
         if _PHONE.match(token):
+            if phones and (gap or marks):
+                phones.extend([SEPARATOR] * (1 + marks))  # the word gap, plus one per mark
             phones.append(token)
+            gap, marks = False, 0
         elif token in {"<pad>", "<unk>", "<s>", "</s>"}:
             continue  # model special tokens, rarely predicted for odd words: not phones
-        elif phones and phones[-1] != SEPARATOR:
-            phones.append(SEPARATOR)
-    while phones and phones[-1] == SEPARATOR:
-        phones.pop()
+        elif token and set(token) <= _MARKS:
+            marks += 1
+        else:
+            gap = True
+    if phones and marks:
+        phones.extend([SEPARATOR] * marks)  # sentence-final punctuation
     return phones
 
 
