@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,7 +24,14 @@ import torch
 from .config import Config
 from .data import DataBundle, DataError, load_data, summarize
 from .utils import distributed
-from .utils.helpers import atomic_write_text, seed_everything, setup_logging, to_device, utterance_id
+from .utils.helpers import (
+    atomic_write_text,
+    pin_malloc_thresholds,
+    seed_everything,
+    setup_logging,
+    to_device,
+    utterance_id,
+)
 from .utils.trainer import TrainState, Trainer, log_stats
 
 _logger = logging.getLogger("vall_e.train")
@@ -211,6 +219,10 @@ def train(cfg: Config) -> int:
     """
     from .utils.engines import CheckpointError, RunLock, leader_decides
 
+    if cfg.device == "cpu" and os.environ.get("VALL_E_MALLOC_TUNING", "1") != "0":
+        # CPU activations live in glibc's heap: without this, RSS grew ~1.3 GB per 100 quarter-AR
+        # steps from fragmentation alone (scripts/bench_memory.py; README "Memory over long runs")
+        pin_malloc_thresholds()
     distributed.init_distributed(cfg.device)
     leader = distributed.is_global_leader()
     setup_logging(cfg.log_dir if leader else None, level=logging.INFO if leader else logging.WARNING)

@@ -201,3 +201,41 @@ def init_gloo_for_summary(world_size: int, days: float = 7.0) -> bool:
         return False
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=days))
     return True
+
+
+def pin_malloc_thresholds(mmap_threshold: int = 1 << 20) -> bool:
+    """Stop glibc's heap from growing with variable tensor shapes; True when applied (Linux, glibc).
+
+    glibc serves blocks above ``M_MMAP_THRESHOLD`` with their own ``mmap`` (returned to the system on
+    free), but after freeing such a block it *raises* the threshold (up to 32 MB) so later tensors of
+    that size come from the heap, where blocks of ever-changing sizes (every batch has other shapes)
+    fragment it and resident memory creeps up over a long run without any leak (quarter AR on CPU:
+    +1.3 GB per 100 steps; flat with this, see scripts/bench_memory.py). Setting the threshold
+    explicitly turns that adjustment off, and an explicit trim threshold lets the heap shrink. The
+    cost is a fresh ``mmap`` (page faults) for every block above the threshold.
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, mmap_threshold)) and bool(libc.mallopt(m_trim_threshold, 4 * mmap_threshold))
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+
+
+def release_free_memory() -> None:
+    """Give memory the allocator holds but no longer uses back to the system (glibc ``malloc_trim``)."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

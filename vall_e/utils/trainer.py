@@ -40,7 +40,7 @@ from ..config import Config
 from . import distributed
 from .diagnostic import check_replicas_in_sync
 from .engines import load_checkpoint, save_checkpoint
-from .helpers import to_device
+from .helpers import release_free_memory, to_device
 
 _logger = logging.getLogger(__name__)
 
@@ -458,5 +458,6 @@ class Trainer:
                 cuda = [engine.device] if str(engine.device).startswith("cuda") else []
                 with torch.random.fork_rng(devices=cuda):  # eval must not shift the training RNG stream
                     self.evaluate(step)
+                release_free_memory()  # generation's caches and decoded audio are gone: give them back
                 engine.train()
         return 0
