@@ -37,6 +37,8 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from .utils.helpers import atomic_write_text
+
 _logger = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
@@ -447,7 +449,7 @@ def open_index(
         if old is not None and _matches(old, dirs, records):
             if old.meta["dir_mtimes"] != dir_mtimes:  # e.g. a temp file came and went: refresh cheaply
                 old.meta["dir_mtimes"] = dir_mtimes
-                _write_json(old.gen / "meta.json", old.meta)
+                atomic_write_text(json.dumps(old.meta), old.gen / "meta.json")
             return old
         live = current_generation(home)
         number = int(live.name[1:]) + 1 if live is not None and live.name[1:].isdigit() else 1
@@ -456,12 +458,6 @@ def open_index(
         return index
     finally:
         lock.__exit__(None, None, None)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _build(
@@ -609,19 +605,13 @@ def _build(
     tmp.mkdir(parents=True)
     for name, arr in arrays.items():
         np.save(tmp / f"{name}.npy", np.ascontiguousarray(arr, dtype=_ARRAYS[name]))
-    _write_json(tmp / "meta.json", meta)
+    atomic_write_text(json.dumps(meta), tmp / "meta.json")
     previous = current_generation(home)
     shutil.rmtree(gen, ignore_errors=True)
     os.replace(tmp, gen)
-    _write_json_text(home / "CURRENT", gen_name)
+    atomic_write_text(gen_name + "\n", home / "CURRENT")
     _collect_garbage(home, keep={gen_name, previous.name if previous is not None else ""})
     return CorpusIndex(root, gen)
-
-
-def _write_json_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, path)
 
 
 def _collect_garbage(home: Path, keep: set[str]) -> None:

@@ -284,6 +284,11 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return batch
 
 
+def own_cost(n_phones: np.ndarray, n_frames: np.ndarray) -> np.ndarray:
+    """Sequence length of utterances without a prompt: phones + ``<s>``/``</s>`` + 2 separators + frames."""
+    return n_phones + 4 + n_frames
+
+
 def sequence_lengths(batch: dict[str, list[torch.Tensor]]) -> list[int]:
     """Per example, the model's sequence length: text + 2 separators + prompt + response."""
     return [len(t) + 2 + len(p) + len(r) for t, p, r in zip(batch["text"], batch["proms"], batch["resps"])]
@@ -330,7 +335,7 @@ class DataBundle:
 
     def own_cost(self, rows: np.ndarray) -> np.ndarray:
         """Sequence length of ``rows`` without a prompt: phones + ``<s>``/``</s>`` + 2 separators + frames."""
-        return self.n_phones[rows] + 4 + self.n_frames[rows]
+        return own_cost(self.n_phones[rows], self.n_frames[rows])
 
     def sampler(self, rank: int, start_batch: int = 0, **overrides: Any) -> BucketBatchSampler:
         """The training batch stream of ``rank`` from batch ``start_batch`` (``overrides``: sampler args)."""
@@ -469,7 +474,7 @@ def load_data(cfg: Config, phone_map: dict[str, int] | None = None, progress: bo
         if cfg.batch_frames <= 0 or not len(rows):
             break
         grouped, starts, _ = _group(rows, spk)
-        cheapest = n_phones[grouped] + 4 + n_frames[grouped] + min_prompt_frames(starts, n_frames[grouped])
+        cheapest = own_cost(n_phones[grouped], n_frames[grouped]) + min_prompt_frames(starts, n_frames[grouped])
         over = grouped[cheapest > cfg.batch_frames]
         if not len(over):
             break
