@@ -38,7 +38,16 @@ setup(
         "matplotlib>=3.5",
         "numpy>=1.23",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # python -m vall_e.evaluate: jiwer (WER), the paper's backends (torchaudio's HuBERT ASR, a WavLM
+        # speaker model through transformers) and the offline ones. resemblyzer itself is installed with
+        # `pip install --no-deps resemblyzer==0.1.4` (scripts/setup.sh does): its declared webrtcvad
+        # dependency is a 2017 source package that needs a C compiler and pkg_resources (gone from
+        # setuptools >= 81); webrtcvad-wheels provides the same module prebuilt.
+        "eval": ["jiwer>=3", "pocketsphinx>=5", "webrtcvad-wheels>=2.0.14", "librosa>=0.9.1", "scipy>=1.2.1",
+                 "transformers>=4.30"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Multimedia :: Sound/Audio :: Speech",

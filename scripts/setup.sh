@@ -19,5 +19,11 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip wheel setuptools
 # torch first: torchaudio pins its version, and the rest resolve against it.
 .venv/bin/python -m pip install -q -r requirements.txt
+# resemblyzer (the offline speaker backend of python -m vall_e.evaluate) declares a dependency on
+# webrtcvad, whose only release (2017) is a source package that needs a C compiler and imports
+# pkg_resources, which setuptools >= 81 no longer ships. requirements.txt has webrtcvad-wheels
+# instead (the same `webrtcvad` module, prebuilt, no pkg_resources) and resemblyzer's other
+# dependencies (librosa, scipy, numpy, torch), so resemblyzer itself goes in without its declared ones.
+.venv/bin/python -m pip install -q --no-deps resemblyzer==0.1.4
 .venv/bin/python -m pip install -q --no-deps -e .
 echo "environment ready: $(.venv/bin/python -c 'import torch, vall_e; print("torch", torch.__version__, "| vall_e", vall_e.__version__)')"

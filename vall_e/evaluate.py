@@ -95,14 +95,15 @@ class Utterance:
 
 
 def audio_seconds(path: Path) -> float:
-    """Duration of an audio file from its header (no decoding)."""
+    """Duration of an audio file from its header (no decoding), in seconds rounded to 1 ms (as the list
+    stores it, so a folder and its list give the same test set and prompts)."""
     import soundfile as sf
 
     try:
         info = sf.info(str(path))
     except Exception as e:
         raise EvalError(f"{path}: cannot read audio ({str(e).strip() or type(e).__name__})") from None
-    return info.frames / info.samplerate
+    return round(info.frames / info.samplerate, 3)
 
 
 def _sorted(utts: Iterable[Utterance]) -> list[Utterance]:
@@ -619,7 +620,7 @@ def run_model_row(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, st
         bar = _bar(len(items), f"model run {run + 1}/{a.runs}", ctx.progress)
         for c, chunk in enumerate(chunks):
             digests = {u.id: ctx.digest(settings, u, ctx.plan[u.id], run) for u in chunk}
-            if all(ctx.cache.get("model", run, u.id, digests[u.id], ctx.out) is not None for u in chunk):
+            if all([ctx.cache.get("model", run, u.id, digests[u.id], ctx.out) is not None for u in chunk]):
                 bar.update(len(chunk))
                 continue
             reqs, used = zip(*(request_for(u, ctx.plan[u.id], a.mode, needs_ref_text) for u in chunk))
@@ -827,8 +828,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ar-ckpt", type=Path, default=None, help="exported AR model (python -m vall_e.export)")
     p.add_argument("--nar-ckpt", type=Path, default=None, help="exported NAR model")
     p.add_argument("--asr", default=DEFAULT_ASR, choices=ASR_BACKENDS, help=f"ASR backend (default {DEFAULT_ASR})")
-    p.add_argument("--speaker", default=DEFAULT_SPEAKER, choices=SPEAKER_BACKENDS,
-                   help=f"speaker-embedding backend (default {DEFAULT_SPEAKER})")
+    p.add_argument("--speaker", default=DEFAULT_SPEAKER, metavar="{" + ",".join(SPEAKER_BACKENDS) + "}",
+                   help=f"speaker-embedding backend (default {DEFAULT_SPEAKER}; wavlm:<id or folder> for another "
+                        "WavLM x-vector model, e.g. a local copy)")
     p.add_argument("--min-seconds", type=float, default=4.0, help="shortest test utterance (default 4)")
     p.add_argument("--max-seconds", type=float, default=10.0, help="longest test utterance (default 10; 0 = no limit)")
     p.add_argument("--max-utterances", type=int, default=0, help="a seeded subset of this many utterances (0 = all)")
@@ -945,7 +947,7 @@ def _run(args: argparse.Namespace, codec_weights: str, spkr_name_getter: str) ->
     if args.asr == "pocketsphinx-vocab":
         print("note: --asr pocketsphinx-vocab recognizes only the test transcripts' own words (closed vocabulary): "
               "its WER is for comparing rows here, never with the paper or open-vocabulary WER", file=sys.stderr)
-    comparable = args.asr in PAPER_ASR and args.speaker in PAPER_SPEAKER
+    comparable = args.asr in PAPER_ASR and args.speaker.partition(":")[0] in PAPER_SPEAKER
     backends = {"asr": asr.describe(), "speaker": speaker.describe(), "comparable_with_paper": comparable,
                 "normalizer": __import__("vall_e.metrics", fromlist=["x"]).NORMALIZER_VERSION}
     scorer = Scorer(asr, speaker, args.sim_against, codec_weights, device)

@@ -210,14 +210,17 @@ class HubertASR(ASR):
         try:
             self.model = bundle.get_model().to(device).eval()
         except Exception as e:
+            import os
+
             import torch.hub
 
+            name = os.path.basename(getattr(bundle, "_path", "hubert_fairseq_large_ll60k_asr_ls960.pth"))
             raise BackendUnavailableError(
                 f"--asr hubert: cannot load torchaudio's HUBERT_ASR_LARGE weights ({type(e).__name__}: {e}).\n"
-                f"They download on first use from {bundle._path if hasattr(bundle, '_path') else 'download.pytorch.org'} "
-                f"into the torch hub cache ({torch.hub.get_dir()}/checkpoints/). On a machine without internet, copy that "
-                "file there from one that has it (the folder follows $TORCH_HOME), or use the offline backend "
-                "--asr pocketsphinx (its numbers are not comparable with the paper's)."
+                f"They download on first use from https://download.pytorch.org/torchaudio/models/{name} (about 1.2 GB) "
+                f"into {os.path.join(torch.hub.get_dir(), 'checkpoints', name)} (the folder follows $TORCH_HOME). "
+                "On a machine without internet, copy that file there from one that has it, or use the offline "
+                "backend --asr pocketsphinx (its numbers are not comparable with the paper's)."
             ) from None
         self.labels = bundle.get_labels()  # ('-', '|', 'E', 'T', ...): blank, word separator, letters
         self.sample_rate = int(bundle.sample_rate)
@@ -314,6 +317,7 @@ class WavLMSpeaker(SpeakerEmbedder):
     comparable = True
 
     def __init__(self, device: str = "cpu", model_id: str = WAVLM_SV_MODEL):
+        self.model_id = model_id
         try:
             from transformers import AutoFeatureExtractor, WavLMForXVector
         except ImportError:
@@ -321,9 +325,15 @@ class WavLMSpeaker(SpeakerEmbedder):
                 "--speaker wavlm needs HuggingFace transformers: pip install transformers (its first use downloads "
                 f"{model_id}); or use the offline backend --speaker resemblyzer (not comparable with the paper)"
             ) from None
+        def load(**kw: bool) -> None:
+            self.extractor = AutoFeatureExtractor.from_pretrained(model_id, **kw)
+            self.model = WavLMForXVector.from_pretrained(model_id, **kw).to(device).eval()
+
         try:
-            self.extractor = AutoFeatureExtractor.from_pretrained(model_id)
-            self.model = WavLMForXVector.from_pretrained(model_id).to(device).eval()
+            try:
+                load(local_files_only=True)  # a cached or local copy: no network round trips
+            except Exception:
+                load()  # the first use downloads it
         except Exception as e:
             raise BackendUnavailableError(
                 f"--speaker wavlm: cannot load {model_id} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).\n"
@@ -334,6 +344,9 @@ class WavLMSpeaker(SpeakerEmbedder):
             ) from None
         self.device = device
         self.sample_rate = 16000
+
+    def describe(self) -> str:
+        return "wavlm" if self.model_id == WAVLM_SV_MODEL else f"wavlm:{self.model_id}"
 
     def embed(self, wav: "Tensor", sr: int) -> "Tensor":
         import torch
@@ -396,12 +409,18 @@ def load_asr(name: str, device: str = "cpu", vocabulary: Optional[Sequence[str]]
 
 
 def load_speaker(name: str, device: str = "cpu") -> SpeakerEmbedder:
-    """The speaker-embedding backend ``name`` (see the module docstring)."""
-    if name == "wavlm":
-        return WavLMSpeaker(device)
-    if name == "resemblyzer":
+    """The speaker-embedding backend ``name`` (see the module docstring).
+
+    ``wavlm:<model>`` loads another WavLM x-vector model: a HuggingFace id or a local folder (a copy of
+    ``microsoft/wavlm-base-plus-sv`` on a machine without internet).
+    """
+    base, _, arg = name.partition(":")
+    if base == "wavlm":
+        return WavLMSpeaker(device, model_id=arg or WAVLM_SV_MODEL)
+    if base == "resemblyzer" and not arg:
         return ResemblyzerSpeaker(device)
-    raise BackendUnavailableError(f"--speaker {name!r} is not a backend; choose one of {', '.join(SPEAKER_BACKENDS)}")
+    raise BackendUnavailableError(f"--speaker {name!r} is not a backend; choose one of {', '.join(SPEAKER_BACKENDS)} "
+                                  "(or wavlm:<HuggingFace id or local folder>)")
 
 
 def cosine(a: "Tensor", b: "Tensor") -> float:
