@@ -486,11 +486,14 @@ class Synthesizer:
             for p in batch
         ]
         limits = [max_ar_steps if g is None else min(g, max_ar_steps) for g in guards]
+        # one step past each limit: a model that emits its stop token exactly there stopped by itself
         new = self.ar.generate(
-            [p["ar_text"] for p in batch], [p["ar_prompt"] for p in batch], max_steps=max_ar_steps, temperature=ar_temp,
-            top_k=top_k, top_p=top_p, generator=gen, prefix_list=[pre[:, 0] for pre in prefixes],
-            ras=ras, ras_window=ras_window, ras_threshold=ras_threshold, max_lens=limits,
+            [p["ar_text"] for p in batch], [p["ar_prompt"] for p in batch], max_steps=max_ar_steps + 1,
+            temperature=ar_temp, top_k=top_k, top_p=top_p, generator=gen, prefix_list=[pre[:, 0] for pre in prefixes],
+            ras=ras, ras_window=ras_window, ras_threshold=ras_threshold, max_lens=[n + 1 for n in limits],
         )  # b x (t_new,) codebook 1, prefix excluded
+        hit = [len(x) > n for x, n in zip(new, limits)]  # the AR was stopped at its limit, not by its stop token
+        new = [x[:n] for x, n in zip(new, limits)]
         n_levels = self.nar.config.n_resp_levels
         full: list[Optional[Tensor]] = [None] * len(batch)
         live = [i for i in range(len(batch)) if len(prefixes[i]) + len(new[i]) > 0]
@@ -519,7 +522,7 @@ class Synthesizer:
                 wav, _ = qnt.decode(codes.cpu(), device=self.device, codec_weights=self.codec_weights)  # (1, n)
                 wav = wav[:, t_pre * qnt.HOP_LENGTH :].contiguous()  # continuation: only the new part
             cut = None
-            if len(new[i]) >= limits[i]:  # the AR was stopped at its limit, not by its stop token
+            if hit[i]:
                 cut = "length_guard" if guards[i] is not None and guards[i] < max_ar_steps else "max_ar_steps"
             outs.append(Synthesis(wav=wav, sample_rate=qnt.SAMPLE_RATE, codes=gen_codes, seed=-1, stopped=cut is None,
                                   phones=list(p["phones"]), cut=cut, max_frames=limits[i]))
