@@ -99,7 +99,7 @@ def recipe_config(recipe: str, corpus: Path, **fields):
     return Config.parse(words)
 
 
-def _start_in_fresh_process(recipe: str, corpus: Path) -> dict[str, float]:
+def _start_in_fresh_process(recipe: str, corpus: Path, fields: dict[str, str]) -> dict[str, float]:
     """A restart: a new process checks the index, filters, splits and draws its first batch."""
     code = f"""
 import json, sys, time
@@ -108,7 +108,7 @@ sys.path.insert(0, {str(REPO / 'scripts')!r})
 import torch, bench_data
 from vall_e.data import load_data
 t1 = time.time()
-cfg = bench_data.recipe_config({recipe!r}, bench_data.Path({str(corpus)!r}), nj=0)
+cfg = bench_data.recipe_config({recipe!r}, bench_data.Path({str(corpus)!r}), nj=0, **{fields!r})
 bundle = load_data(cfg, progress=False)
 bundle.sampler(rank=0, start_batch=0).batch(0)
 print(json.dumps({{"import_s": t1 - t0, "start_s": time.time() - t1}}))
@@ -162,7 +162,8 @@ def _padding(bundle, batches: int = 2000) -> dict[str, float]:
     rows = 0
     for k in range(batches):
         batch = sampler.batch(k)
-        lens = [int(bundle.own_cost(np.array([d.index]))[0] + bundle.n_frames[list(d.prompts)].sum()) for d in batch]
+        lens = [int(bundle.own_cost(np.array([d.index]))[0] + bundle.n_frames[list(d.prompts)].sum()
+                    + (d.segment[1] if d.segment else 0)) for d in batch]
         positions += sum(lens)
         padded += len(lens) * max(lens)
         rows += len(lens)
@@ -276,6 +277,8 @@ def main() -> None:
     parser.add_argument("--nj", type=int, default=2, help="processes building the index")
     parser.add_argument("--train-budget", type=int, default=0, help="batch_frames of the CPU training comparison (0: the recipe's)")
     parser.add_argument("--train-steps", type=int, default=4, help="measured steps per batching mode")
+    parser.add_argument("--prompt-mode", choices=("speaker", "paper"), default=None,
+                        help="override the recipe's prompt_mode (the LibriTTS recipes use paper)")
     parser.add_argument("--skip-build", action="store_true", help="reuse an existing index (index_build_s = null)")
     parser.add_argument("--activations", action="store_true", help="also measure activation kB per token (quarter, full)")
     args = parser.parse_args()
@@ -287,6 +290,7 @@ def main() -> None:
     from vall_e.data import load_data
 
     corpus = fabricate(args.workdir, args.utterances)
+    mode = {"prompt_mode": args.prompt_mode} if args.prompt_mode else {}
     result: dict[str, object] = {"utterances": args.utterances, "recipe": os.path.relpath(args.recipe, REPO)}
     if args.skip_build and index_home(corpus).exists():
         result["index_build_s"] = None
@@ -295,11 +299,12 @@ def main() -> None:
 
         shutil.rmtree(index_home(corpus), ignore_errors=True)
         t0 = time.time()
-        load_data(recipe_config(args.recipe, corpus, nj=args.nj))
+        load_data(recipe_config(args.recipe, corpus, nj=args.nj, **mode))
         result["index_build_s"] = round(time.time() - t0, 2)
-    result.update({k: round(v, 3) for k, v in _start_in_fresh_process(args.recipe, corpus).items()})
+    result.update({k: round(v, 3) for k, v in _start_in_fresh_process(args.recipe, corpus, mode).items()})
 
-    bundle = load_data(recipe_config(args.recipe, corpus, nj=0), progress=False)
+    bundle = load_data(recipe_config(args.recipe, corpus, nj=0, **mode), progress=False)
+    result["prompt_mode"] = bundle.cfg.prompt_mode
     kept = np.concatenate([bundle.train, bundle.val])
     result["recipe_hours_kept"] = round(float(bundle.n_frames[kept].sum() / bundle.n_frames.sum()), 4)
     result["recipe_utterances_kept"] = round((len(bundle.train) + len(bundle.val)) / len(bundle.corpus), 4)

@@ -263,6 +263,8 @@ def test_export_records_max_frames_per_phone(synth, prepared_corpus):
     # the largest ratio of the training split (a subset of the corpus: one utterance is validation)
     assert isinstance(recorded, float) and 0 < recorded <= max(ratios) + 1e-9
     assert recorded >= sorted(ratios)[-2] - 1e-9
+    # trained with the default prompt_mode: the reference alone prompts it
+    assert synth.ar_meta["prompt_mode"] == synth.nar_meta["prompt_mode"] == "speaker" and not synth.needs_ref_text
 
 
 def test_length_guard_cuts_a_model_that_never_stops(never_stops, zoo, utts, tmp_path, capsys):

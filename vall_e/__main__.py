@@ -155,8 +155,8 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
             raise UsageError(f"{out} exists and is not a folder; batch mode writes one wav per line into a folder")
         jobs = read_batch_file(args.batch, None if tsv else Path(pos[0]), args.ref_text)
     if args.ref_text is not None and args.prompt_seconds is not None:
-        print("note: --prompt-seconds is ignored with --ref-text: the whole reference is the prompt "
-              "(its transcript must match all of it)", file=sys.stderr)
+        print("note: with --ref-text the whole reference is the AR's prompt (its transcript must match all of it); "
+              "--prompt-seconds then only crops the prompt of a prompt_mode=paper NAR", file=sys.stderr)
     prompt_seconds = 3.0 if args.prompt_seconds is None else args.prompt_seconds
 
     from .emb import g2p

@@ -64,9 +64,13 @@ class AR(Base):
     def forward(self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor]) -> ModelOutput:
         """Next-code loss on the response.
 
+        With ``prompt_mode=paper`` the prompts are empty ``(0, 8)``: the AR is then a plain language model
+        over ``[phones, SEP, SEP, codebook 1]`` of one utterance (Wang et al. 2023, section 4.2), and at
+        inference the reference's transcript and codes are simply the beginning of that sequence.
+
         Args:
             text_list: b x ``(t_text,)`` phone ids.
-            proms_list: b x ``(t_prom, 8)`` prompt codes.
+            proms_list: b x ``(t_prom, 8)`` prompt codes (``t_prom`` may be 0).
             resps_list: b x ``(t_resp,)`` or ``(t_resp, l)`` response codes; only codebook 1 (column 0) is used.
         Returns:
             :class:`ModelOutput` with the mean cross-entropy over all response + stop targets.

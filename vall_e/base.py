@@ -311,6 +311,7 @@ class Block(nn.Module):
         return torch.addmm(x, h, w_fc2).add_(b_fc2)
 
 
+IGNORE = -100  # a target left out of the loss (cross_entropy's ignore_index), e.g. the NAR's self-prompt
 RAS_WINDOW = 10  # VALL-E 2 (arXiv 2406.05370, section 3.3): the history window K
 RAS_THRESHOLD = 0.1  # ... and the repetition ratio t_r above which a nucleus draw is replaced
 
@@ -547,12 +548,15 @@ class Base(nn.Module):
         return h, resp_start, lens
 
     def _output(self, logits: Tensor, targets: Tensor) -> ModelOutput:
-        """Loss and accuracies over flat response ``logits`` ``(n, c)`` and ``targets`` ``(n,)``."""
-        loss = F.cross_entropy(logits.float(), targets)
+        """Loss and accuracies over flat response ``logits`` ``(n, c)`` and ``targets`` ``(n,)``;
+        targets ``IGNORE`` (-100) are left out of all three."""
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE)
         with torch.no_grad():
-            acc = (logits.argmax(-1) == targets).float().mean()
+            valid = targets != IGNORE
+            n = valid.sum().clamp(min=1)
+            acc = ((logits.argmax(-1) == targets) & valid).sum() / n
             top10 = logits.topk(min(10, logits.shape[-1]), dim=-1).indices
-            acc10 = (top10 == targets[:, None]).any(-1).float().mean()
+            acc10 = ((top10 == targets[:, None]).any(-1) & valid).sum() / n
         return ModelOutput(loss=loss, stats={"loss": loss.detach(), "acc": acc, "acc10": acc10})
 
 

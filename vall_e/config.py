@@ -61,6 +61,8 @@ class Config(BaseConfig):
     max_phones: int = field(50, help="drop utterances with more phones")
     p_additional_prompt: float = field(0.8, help="probability of adding one more prompt utterance")
     max_prompts: int = field(3, help="most utterances concatenated into one acoustic prompt")
+    prompt_mode: str = field("speaker", help="speaker: 1..max_prompts other utterances of the speaker (reference) | "
+                             "paper: AR = plain LM over phones + codebook 1, NAR = a 3 s segment of the utterance itself")
     max_num_val: int = field(20, help="most utterances in each evaluation split")
     max_val_ar_steps: int = field(300, help="AR generation steps during evaluation")
     min_seconds: float = field(0.0, help="drop utterances shorter than this (seconds of audio)")
@@ -124,6 +126,8 @@ class Config(BaseConfig):
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.min_phones > self.max_phones:
             raise ConfigError(f"min_phones={self.min_phones} is larger than max_phones={self.max_phones}")
+        if self.prompt_mode not in ("speaker", "paper"):
+            raise ConfigError(f"prompt_mode={self.prompt_mode!r}: use speaker (other utterances of the speaker) or paper")
         if self.index_check not in ("files", "dirs", "off"):
             raise ConfigError(f"index_check={self.index_check!r}: use files, dirs or off")
         for name in ("batch_frames", "bucket_batches", "min_seconds", "max_seconds", "nj"):

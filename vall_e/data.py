@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import Config
 from .corpus import OK, BAD_CODES, BAD_PHONES, NO_PHONES, CorpusIndex, DataError, open_index, read_codes_file
-from .sampler import BucketBatchSampler, Draw, min_prompt_frames
+from .sampler import BucketBatchSampler, Draw, min_prompt_frames, segment_frames_of
 
 _logger = logging.getLogger(__name__)
 
@@ -31,6 +31,16 @@ BOS, EOS = "<s>", "</s>"
 N_CODEBOOKS = 8
 FRAMES_PER_SECOND = 75
 VAL_FRACTION = 0.05
+SEGMENT_FRAMES = 3 * FRAMES_PER_SECOND  # the paper's 3 s prompt
+
+
+def prompt_kind(cfg: Config) -> str:
+    """The sampler's prompts for this run: ``prompt_mode=speaker`` -> ``"speaker"``; ``paper`` -> the
+    AR's ``"none"`` (a plain language model; any prefix of the utterance acts as its prompt) or the
+    NAR's ``"segment"`` (a random 3 s segment of the utterance itself, left out of the loss)."""
+    if cfg.prompt_mode == "speaker":
+        return "speaker"
+    return "none" if cfg.model_kind == "ar" else "segment"
 
 __all__ = ["DataError", "DataBundle", "load_data", "load_codes", "encode_phones", "collate", "Draw"]
 
@@ -215,7 +225,12 @@ class _BadExample(Exception):
 
 class VALLEDataset(Dataset):
     """Examples for the models, indexed by :class:`~vall_e.sampler.Draw`:
-    ``{"text": (t,), "proms": (t', 8), "resps": (t'', 8), "path": str, "spkr_name": str}``.
+    ``{"text": (t,), "proms": (t', 8), "resps": (t'', 8), "span": (start, length) | None, "path": str,
+    "spkr_name": str}``.
+
+    ``proms`` are the draw's prompt utterances concatenated; with a ``segment`` they are that slice of
+    the response itself and ``span`` says where it lies (the NAR leaves it out of the loss); without
+    either the prompt is empty ``(0, 8)``.
 
     A draw whose codes cannot be read gives ``{"bad": path, "error": message}`` instead (the
     trainer skips, counts and reports it). With ``packed`` the codes come from the corpus shards.
@@ -258,7 +273,13 @@ class VALLEDataset(Dataset):
     def __getitem__(self, draw: Draw) -> dict[str, Any]:
         try:
             resps = self._codes(draw.index)
-            proms = torch.cat([self._codes(p) for p in draw.prompts])
+            if draw.segment is not None:
+                start, length = draw.segment
+                proms = resps[start : start + length]
+            elif draw.prompts:
+                proms = torch.cat([self._codes(p) for p in draw.prompts])
+            else:
+                proms = resps[:0]
         except _BadExample as e:
             return {"bad": str(e.path), "error": str(e)}
         return {
@@ -267,13 +288,14 @@ class VALLEDataset(Dataset):
             "text": self._text(draw.index),
             "proms": proms,
             "resps": resps,
+            "span": draw.segment,
         }
 
     def __len__(self) -> int:
         return len(self.corpus)
 
 
-_KEYS = ("path", "spkr_name", "text", "proms", "resps")
+_KEYS = ("path", "spkr_name", "text", "proms", "resps", "span")
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -287,6 +309,12 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
 def own_cost(n_phones: np.ndarray, n_frames: np.ndarray) -> np.ndarray:
     """Sequence length of utterances without a prompt: phones + ``<s>``/``</s>`` + 2 separators + frames."""
     return n_phones + 4 + n_frames
+
+
+def model_kwargs(batch: dict[str, list[Any]]) -> dict[str, Any]:
+    """Extra model arguments a batch needs: the self-prompt ``prompt_spans`` (left out of the NAR's loss)."""
+    spans = batch.get("span") or []
+    return {"prompt_spans": spans} if any(s is not None for s in spans) else {}
 
 
 def sequence_lengths(batch: dict[str, list[torch.Tensor]]) -> list[int]:
@@ -350,6 +378,8 @@ class DataBundle:
             seed=cfg.seed,
             rank=rank,
             start_batch=start_batch,
+            prompt=prompt_kind(cfg),
+            segment_frames=SEGMENT_FRAMES,
         )
         args.update(overrides)
         return BucketBatchSampler(rows, starts, self.own_cost(rows), self.n_frames[rows], **args)
@@ -379,7 +409,8 @@ class DataBundle:
 
     def eval_draws(self, split: str) -> list[Draw]:
         """Deterministic evaluation examples: ``subtrain`` (a fixed subset of train) or ``val``, each with
-        prompts chosen by a fixed-seed draw from the other training utterances of its speaker."""
+        prompts as in training, chosen by a fixed-seed draw: other training utterances of its speaker,
+        none, or a segment of itself (:func:`prompt_kind`)."""
         cfg = self.cfg
         if split == "subtrain":
             rows = self.train.copy()
@@ -389,6 +420,17 @@ class DataBundle:
         else:
             raise ValueError(f"unknown split {split!r}")
         rows = rows[: cfg.max_num_val]
+        kind = prompt_kind(cfg)
+        if kind == "none":
+            return [Draw(int(r), ()) for r in rows.tolist()]
+        if kind == "segment":
+            draws = []
+            for r in rows.tolist():
+                frames = int(self.n_frames[r])
+                length = int(segment_frames_of(np.array([frames]), SEGMENT_FRAMES)[0])
+                rng = random.Random(f"{cfg.seed}-segment-{self.corpus.qnt_path(r)}")
+                draws.append(Draw(int(r), (), (rng.randrange(frames - length + 1), length)))
+            return draws
         pool, starts, spks = _group(self.train, self.spk)
         where = {int(s): j for j, s in enumerate(spks.tolist())}
         draws = []
@@ -465,16 +507,24 @@ def load_data(cfg: Config, phone_map: dict[str, int] | None = None, progress: bo
         _logger.warning("%d .qnt.pt files have no .phn.txt beside them (run `python -m vall_e.emb.g2p`)", report.no_phones)
 
     rows = np.flatnonzero(keep)
+    kind = prompt_kind(cfg)
     for _ in range(10):  # dropping utterances can leave speakers alone or raise their cheapest prompt
-        counts = np.bincount(spk[rows], minlength=len(spkr_names)) if len(rows) else np.zeros(len(spkr_names), np.int64)
-        lonely = counts[spk[rows]] < 2
-        report.lonely_speaker_utts += int(lonely.sum())
-        report.lonely_speakers += int(((counts > 0) & (counts < 2)).sum())
-        rows = rows[~lonely]
+        if kind == "speaker":  # a prompt needs another utterance of the speaker
+            counts = np.bincount(spk[rows], minlength=len(spkr_names)) if len(rows) else np.zeros(len(spkr_names), np.int64)
+            lonely = counts[spk[rows]] < 2
+            report.lonely_speaker_utts += int(lonely.sum())
+            report.lonely_speakers += int(((counts > 0) & (counts < 2)).sum())
+            rows = rows[~lonely]
         if cfg.batch_frames <= 0 or not len(rows):
             break
         grouped, starts, _ = _group(rows, spk)
-        cheapest = own_cost(n_phones[grouped], n_frames[grouped]) + min_prompt_frames(starts, n_frames[grouped])
+        if kind == "speaker":
+            least = min_prompt_frames(starts, n_frames[grouped])
+        elif kind == "segment":
+            least = segment_frames_of(n_frames[grouped], SEGMENT_FRAMES)
+        else:
+            least = 0
+        cheapest = own_cost(n_phones[grouped], n_frames[grouped]) + least
         over = grouped[cheapest > cfg.batch_frames]
         if not len(over):
             break

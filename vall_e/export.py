@@ -21,6 +21,8 @@ DeepSpeed. It is a plain dict::
     step            training step of the checkpoint
     max_frames_per_phone  largest frames/phones ratio of the training set (the length guard; None
                     for checkpoints written before it was recorded)
+    prompt_mode     "speaker" | "paper": how the model was prompted in training; synthesis follows it
+                    (checkpoints written before it was recorded were all "speaker")
     checkpoint      where it came from (informational)
     state_dict      {name: float32 tensor}
 
@@ -203,6 +205,7 @@ def read_checkpoint(ckpt_dir: str | Path, tag: str | None = None, trust_checkpoi
         "speakers": [str(s) for s in client.get("speakers", [])],
         "step": int(client.get("step", 0)),
         "max_frames_per_phone": _optional_float(client.get("max_frames_per_phone")),
+        "prompt_mode": str(client.get("prompt_mode", "speaker")),
         "checkpoint": str(tag_dir),
         "state_dict": _float32(state_dict),
     }

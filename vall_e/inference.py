@@ -33,6 +33,18 @@ level; the decoder runs over reference + new frames (the codec is causal, so the
 smooth) and only the new part is returned. ``prompt_seconds`` does not apply there: the
 transcript must match the audio.
 
+Prompt modes (recorded in each exported model as ``prompt_mode``; synthesis follows them):
+
+- ``speaker`` (the reference's): the AR and NAR read the reference's codes in their prompt slot;
+  no transcript of the reference is needed.
+- ``paper`` (Wang et al. 2023, section 4): the AR was trained as a plain language model over one
+  utterance's phones and codebook 1, so it needs the reference's transcript (``ref_text``): the
+  reference's phones precede the target's and its codes are the AR's prefix, with an empty prompt
+  slot. The paper-mode NAR reads at most ``prompt_seconds`` of the reference as its prompt (it was
+  trained on 3 s segments). :attr:`Synthesizer.needs_ref_text` tells which kind of AR is loaded.
+- ``Request(continual=True)``: the paper's VALL-E-continual, for either mode: the reference is the
+  first ``prompt_seconds`` of the utterance whose whole transcript is the text; it is continued.
+
 Decoding safeguards (on the AR):
 
 - the stop token is never filtered out by ``top_k``/``top_p``;
@@ -91,12 +103,19 @@ class UnknownPhonesError(SynthesisError):
 
 @dataclass
 class Request:
-    """One line of work: ``text`` in the voice of ``ref_wav``; ``ref_text`` turns on continuation mode."""
+    """One line of work: ``text`` in the voice of ``ref_wav``.
+
+    ``ref_text`` (the reference's transcript) turns on continuation mode. ``continual=True`` is the
+    paper's VALL-E-continual setting: ``ref_wav`` is the beginning of the utterance that ``text``
+    transcribes in full; its first ``prompt_seconds`` are the prompt and the AR's prefix, and only the
+    continuation is returned (no ``ref_text``).
+    """
 
     text: str
     ref_wav: RefAudio
     ref_text: Optional[str] = None
     label: Optional[str] = None  # names the request in error messages, e.g. "lines.txt:3"
+    continual: bool = False
 
 
 @dataclass
@@ -222,6 +241,18 @@ class Synthesizer:
         self.ar, self.ar_meta = load_model(ar_ckpt, "ar", self.device)
         self.nar, self.nar_meta = load_model(nar_ckpt, "nar", self.device)
         self._ref_cache: dict[tuple, "Tensor"] = {}
+        for name, meta in (("AR", self.ar_meta), ("NAR", self.nar_meta)):
+            if meta.get("prompt_mode", "speaker") not in ("speaker", "paper"):
+                from .export import InferenceFileError
+
+                raise InferenceFileError(f"the {name} file has an unknown prompt_mode {meta['prompt_mode']!r}; "
+                                         "a newer vall_e wrote it: upgrade")
+
+    @property
+    def needs_ref_text(self) -> bool:
+        """True when the AR was trained with ``prompt_mode=paper``: it continues the reference's own codes
+        after the reference's transcript, so requests need ``ref_text`` (or ``continual=True``)."""
+        return self.ar_meta.get("prompt_mode", "speaker") == "paper"
 
     # text ----------------------------------------------------------------------------------
 
@@ -296,10 +327,11 @@ class Synthesizer:
         text: str,
         ref_wav: RefAudio,
         ref_text: Optional[str] = None,
+        continual: bool = False,
         **options: Any,
     ) -> Synthesis:
-        """Speak ``text`` in the voice of ``ref_wav``; ``options`` as in :meth:`synthesize_batch`."""
-        return self.synthesize_batch([Request(text, ref_wav, ref_text)], **options)[0]
+        """Speak ``text`` in the voice of ``ref_wav`` (see :class:`Request`); ``options`` as in :meth:`synthesize_batch`."""
+        return self.synthesize_batch([Request(text, ref_wav, ref_text, continual=continual)], **options)[0]
 
     def __call__(self, text: str, ref_wav: RefAudio, ref_text: Optional[str] = None, **options: Any) -> tuple["Tensor", int]:
         """Like :meth:`synthesize` but returns ``(wav (1, n), sample_rate)``."""
@@ -369,7 +401,8 @@ class Synthesizer:
             seed = secrets.randbelow(2**31)
         prepared = [self._prepare(r, prompt_seconds, i, len(requests)) for i, r in enumerate(requests)]
         # longest first: batches of similar length waste less compute on padding
-        order = sorted(range(len(prepared)), key=lambda i: -(len(prepared[i]["ar_text"]) + len(prepared[i]["prompt"])))
+        order = sorted(range(len(prepared)), key=lambda i: -(len(prepared[i]["ar_text"]) + len(prepared[i]["ar_prompt"])
+                                                              + len(prepared[i]["prefix"])))
         results: list[Optional[Synthesis]] = [None] * len(prepared)
         for b, start in enumerate(range(0, len(order), batch_size)):
             idx = order[start : start + batch_size]
@@ -386,12 +419,26 @@ class Synthesizer:
         where = f"{req.label}: " if req.label else (f"request {i + 1}: " if n > 1 else "")
         try:
             phones = self.phonemize(req.text)
-            if req.ref_text is not None:
+            if req.continual:
+                if req.ref_text is not None:
+                    raise SynthesisError("continual=True takes no ref_text: the text is the whole utterance's "
+                                         "transcript, and the reference is its beginning")
+                text_phones = phones
+                prompt = self.encode_reference(req.ref_wav, prompt_seconds)
+                prefix = prompt
+            elif req.ref_text is not None:
                 ref_phones = self.phonemize(req.ref_text, what="reference transcript (ref_text)")
                 sep = [SEPARATOR] if all(SEPARATOR in m["phone_map"] for m in (self.ar_meta, self.nar_meta)) else []
                 text_phones = ref_phones + sep + phones
                 prompt = self.encode_reference(req.ref_wav, None)  # the transcript covers the whole reference
                 prefix = prompt
+            elif self.needs_ref_text:
+                raise SynthesisError(
+                    "this AR was trained with prompt_mode=paper: it reads the reference's transcript before the "
+                    "text and continues the reference's own codes, so give the transcript of the reference audio "
+                    "(--ref-text \"...\" on the command line, ref_text=... in Python; a 3rd column in a --batch .tsv). "
+                    "Models trained with prompt_mode=speaker need no transcript."
+                )
             else:
                 text_phones = phones
                 prompt = self.encode_reference(req.ref_wav, prompt_seconds)
@@ -400,12 +447,23 @@ class Synthesizer:
             if not where:
                 raise
             raise type(e)(where + str(e), *_extra_args(e)) from None
+        # each model sees the prompt it was trained with: none for a paper-mode AR (the reference is
+        # its prefix), at most prompt_seconds for a paper-mode NAR (trained on 3 s segments)
+        ar_prompt = prompt[:0] if self.needs_ref_text else prompt
+        nar_prompt = prompt
+        if self.nar_meta.get("prompt_mode", "speaker") == "paper" and prompt_seconds is not None and prompt_seconds > 0:
+            from .emb.qnt import SAMPLE_RATE, HOP_LENGTH
+
+            nar_prompt = prompt[: max(1, round(prompt_seconds * SAMPLE_RATE / HOP_LENGTH))]
         return {
             "phones": text_phones,
-            "n_target_phones": len(phones),  # what the length guard scales with
+            # what the length guard scales with; continual: the prefix already covers part of the text
+            "n_target_phones": len(phones),
+            "guard_offset": len(prefix) if req.continual else 0,
             "ar_text": self._ids(text_phones, self.ar_meta),
             "nar_text": self._ids(text_phones, self.nar_meta),
-            "prompt": prompt.to(self.device),
+            "ar_prompt": ar_prompt.to(self.device),
+            "prompt": nar_prompt.to(self.device),
             "prefix": prefix.to(self.device),  # (t_pre, 8) known response frames (continuation)
         }
 
@@ -423,13 +481,19 @@ class Synthesizer:
         proms = [p["prompt"] for p in batch]
         prefixes = [p["prefix"] for p in batch]
         # the length guard: frames per phone of the target text (the reference part is the prefix)
-        guards = [math.ceil(frames_per_phone * p["n_target_phones"]) if frames_per_phone > 0 else None for p in batch]
+        guards = [
+            max(1, math.ceil(frames_per_phone * p["n_target_phones"]) - p["guard_offset"]) if frames_per_phone > 0 else None
+            for p in batch
+        ]
         limits = [max_ar_steps if g is None else min(g, max_ar_steps) for g in guards]
+        # one step past each limit: a model that emits its stop token exactly there stopped by itself
         new = self.ar.generate(
-            [p["ar_text"] for p in batch], proms, max_steps=max_ar_steps, temperature=ar_temp,
-            top_k=top_k, top_p=top_p, generator=gen, prefix_list=[pre[:, 0] for pre in prefixes],
-            ras=ras, ras_window=ras_window, ras_threshold=ras_threshold, max_lens=limits,
+            [p["ar_text"] for p in batch], [p["ar_prompt"] for p in batch], max_steps=max_ar_steps + 1,
+            temperature=ar_temp, top_k=top_k, top_p=top_p, generator=gen, prefix_list=[pre[:, 0] for pre in prefixes],
+            ras=ras, ras_window=ras_window, ras_threshold=ras_threshold, max_lens=[n + 1 for n in limits],
         )  # b x (t_new,) codebook 1, prefix excluded
+        hit = [len(x) > n for x, n in zip(new, limits)]  # the AR was stopped at its limit, not by its stop token
+        new = [x[:n] for x, n in zip(new, limits)]
         n_levels = self.nar.config.n_resp_levels
         full: list[Optional[Tensor]] = [None] * len(batch)
         live = [i for i in range(len(batch)) if len(prefixes[i]) + len(new[i]) > 0]
@@ -458,7 +522,7 @@ class Synthesizer:
                 wav, _ = qnt.decode(codes.cpu(), device=self.device, codec_weights=self.codec_weights)  # (1, n)
                 wav = wav[:, t_pre * qnt.HOP_LENGTH :].contiguous()  # continuation: only the new part
             cut = None
-            if len(new[i]) >= limits[i]:  # the AR was stopped at its limit, not by its stop token
+            if hit[i]:
                 cut = "length_guard" if guards[i] is not None and guards[i] < max_ar_steps else "max_ar_steps"
             outs.append(Synthesis(wav=wav, sample_rate=qnt.SAMPLE_RATE, codes=gen_codes, seed=-1, stopped=cut is None,
                                   phones=list(p["phones"]), cut=cut, max_frames=limits[i]))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .base import Base, ModelOutput, sample_logits, select_spans
+from .base import IGNORE, Base, ModelOutput, sample_logits, select_spans
 
 
 class NAR(Base):
@@ -58,6 +58,7 @@ class NAR(Base):
         proms_list: list[Tensor],
         resps_list: list[Tensor],
         quant_levels: Optional[Tensor] = None,
+        prompt_spans: Optional[Sequence[Optional[tuple[int, int]]]] = None,
     ) -> ModelOutput:
         """Loss of predicting one level per sample from the levels below it.
 
@@ -67,8 +68,11 @@ class NAR(Base):
             resps_list: b x ``(t_resp, 8)`` response codes.
             quant_levels: ``(b,)`` 0-based level to predict per sample, in ``1..7``; drawn uniformly
                 (from the global torch RNG) when None.
+            prompt_spans: b x ``(start, length)`` or None: response frames that are also the sample's
+                prompt (``prompt_mode=paper``: a segment of the utterance itself). They stay in the
+                input but not in the loss: the prompt gives their answer away.
         Returns:
-            :class:`ModelOutput` with the mean cross-entropy over all response frames.
+            :class:`ModelOutput` with the mean cross-entropy over the response frames (spans excluded).
         """
         b, device = len(resps_list), self.device
         if quant_levels is None:
@@ -76,8 +80,14 @@ class NAR(Base):
         quant_levels = quant_levels.to(device)
         self._check_levels(quant_levels)
         logits = self._response_logits(text_list, proms_list, resps_list, quant_levels)
-        targets = torch.cat([r[:, l] for r, l in zip(resps_list, quant_levels.tolist())])
-        return self._output(logits, targets)
+        targets = [r[:, l] for r, l in zip(resps_list, quant_levels.tolist())]
+        if prompt_spans is not None:
+            for i, span in enumerate(prompt_spans):
+                if span is not None:
+                    start, length = span
+                    targets[i] = targets[i].clone()
+                    targets[i][start : start + length] = IGNORE
+        return self._output(logits, torch.cat(targets))
 
     def logits(
         self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor], quant_levels: Tensor

@@ -17,12 +17,17 @@ batch is marginally an ordinary speaker-balanced draw, while its neighbours have
 (little padding). Batches are independent of each other, hence shuffled by construction, and batch
 1,000,000 costs what batch 0 costs: resuming needs only the number of batches consumed.
 ``bucket_batches=0`` gives plain random batches (draws in order until the budget is full).
+
+Prompts follow ``prompt``: ``"speaker"`` (above), ``"none"`` (no prompt: the paper's AR, a plain
+language model over an utterance's phones and codebook 1) or ``"segment"`` (the paper's NAR: a random
+segment of the utterance itself, ``min(segment_frames, frames // 2)`` long, so at least half of every
+utterance stays in the loss). Without speaker prompts a speaker needs only one utterance.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -41,12 +46,22 @@ def min_prompt_frames(spkr_start: np.ndarray, frames: np.ndarray) -> np.ndarray:
     return out
 
 
+PROMPTS = ("speaker", "none", "segment")
+
+
+def segment_frames_of(frames: np.ndarray, segment_frames: int) -> np.ndarray:
+    """Length of the self-prompt segment of utterances of ``frames`` frames: at most half of each."""
+    return np.clip(np.minimum(segment_frames, np.asarray(frames) // 2), 1, None)
+
+
 @dataclass(frozen=True)
 class Draw:
-    """One training example: the utterance row and the rows of its prompt utterances."""
+    """One training example: the utterance row, the rows of its prompt utterances, and (``"segment"``
+    prompts) the ``(start, length)`` frames of the utterance itself that are its prompt."""
 
     index: int
     prompts: tuple[int, ...]
+    segment: Optional[tuple[int, int]] = None
 
 
 class BucketBatchSampler:
@@ -57,6 +72,8 @@ class BucketBatchSampler:
         spkr_start: ``(s + 1,)`` speaker ``j`` owns ``rows[spkr_start[j]:spkr_start[j + 1]]`` (>= 2 each).
         own_cost: ``(m,)`` sequence length of each utterance without its prompt
             (phones + 2 for ``<s>``/``</s>`` + 2 separators + frames).
+        prompt: ``"speaker"`` | ``"none"`` | ``"segment"`` (module docstring).
+        segment_frames: longest self-prompt segment (``"segment"``; the paper's 3 s = 225 frames).
         frames: ``(m,)`` frames of each utterance (its cost as a prompt).
         batch_size: rows per batch when ``batch_frames`` is 0.
         batch_frames: if > 0, bound on the padded batch size, rows x longest sequence; never exceeded.
@@ -83,13 +100,18 @@ class BucketBatchSampler:
         seed: int = 0,
         rank: int = 0,
         start_batch: int = 0,
+        prompt: str = "speaker",
+        segment_frames: int = 225,
     ):
+        if prompt not in PROMPTS:
+            raise ValueError(f"prompt={prompt!r}: use one of {PROMPTS}")
+        self.prompt, self.segment_frames = prompt, segment_frames
         self.rows = np.asarray(rows, dtype=np.int64)
         self.spkr_start = np.asarray(spkr_start, dtype=np.int64)
         counts = np.diff(self.spkr_start)
         if len(counts) == 0:
             raise ValueError("no speakers to sample from")
-        if (counts < 2).any():
+        if (counts < (2 if prompt == "speaker" else 1)).any():
             raise ValueError("every speaker needs at least two utterances (one to speak, one to prompt)")
         self.own_cost = np.asarray(own_cost, dtype=np.int64)
         self.frames = np.asarray(frames, dtype=np.int64)
@@ -100,10 +122,18 @@ class BucketBatchSampler:
         self.p_additional_prompt = p_additional_prompt
         self.seed, self.rank, self.start_batch = seed, rank, start_batch
         if batch_frames > 0:
-            cheapest = self.own_cost + min_prompt_frames(self.spkr_start, self.frames)
+            cheapest = self.own_cost + self._least_prompt()
             if (cheapest > batch_frames).any():
                 raise ValueError(f"{int((cheapest > batch_frames).sum())} utterances cannot fit batch_frames={batch_frames}")
         self.pool_size = self._pool_size()
+
+    def _least_prompt(self) -> np.ndarray:
+        """``(m,)`` the fewest prompt frames each utterance can be drawn with."""
+        if self.prompt == "speaker":
+            return min_prompt_frames(self.spkr_start, self.frames)
+        if self.prompt == "segment":
+            return segment_frames_of(self.frames, self.segment_frames)
+        return np.zeros(len(self.frames), np.int64)
 
     def _pool_size(self) -> int:
         """Candidates per pool: ``bucket_batches`` x the expected rows per batch."""
@@ -115,11 +145,23 @@ class BucketBatchSampler:
 
     def _candidates(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``n`` speaker-balanced draws: positions ``(n,)``, prompt positions ``(n, max_prompts)`` (-1 =
-        none) and sequence lengths ``(n,)``; over-budget prompts already trimmed (length -1 = unusable)."""
+        none; ``"segment"``: ``(n, 2)`` start and length of the self-prompt) and sequence lengths ``(n,)``;
+        over-budget prompts already trimmed (length -1 = unusable)."""
         spk = rng.integers(0, len(self.spkr_start) - 1, n)
         start = self.spkr_start[spk]
         count = self.spkr_start[spk + 1] - start
         pos = (rng.random(n) * count).astype(np.int64)
+        if self.prompt != "speaker":
+            own = self.own_cost[start + pos]
+            if self.prompt == "none":
+                return start + pos, np.full((n, 0), -1, np.int64), own
+            frames = self.frames[start + pos]
+            length = segment_frames_of(frames, self.segment_frames)
+            seg_start = (rng.random(n) * (frames - length + 1)).astype(np.int64)
+            cost = own + length
+            if self.batch_frames > 0:
+                cost = np.where(cost <= self.batch_frames, cost, -1)
+            return start + pos, np.stack([seg_start, length], axis=1), cost
         n_prompts = np.ones(n, np.int64)
         if self.max_prompts > 1:
             more = rng.random((n, self.max_prompts - 1)) <= self.p_additional_prompt
@@ -187,6 +229,8 @@ class BucketBatchSampler:
 
     def _draws(self, pos: np.ndarray, prompts: np.ndarray) -> list[Draw]:
         rows = self.rows
+        if self.prompt == "segment":
+            return [Draw(int(rows[p]), (), (s, n)) for p, (s, n) in zip(pos.tolist(), prompts.tolist())]
         return [Draw(int(rows[p]), tuple(int(rows[q]) for q in qs if q >= 0)) for p, qs in zip(pos.tolist(), prompts.tolist())]
 
     def __iter__(self) -> Iterator[list[Draw]]:

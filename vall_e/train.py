@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import Config
-from .data import DataBundle, DataError, load_data, summarize
+from .data import DataBundle, DataError, load_data, model_kwargs, summarize
 from .utils import distributed
 from .utils.helpers import (
     atomic_write_text,
@@ -41,6 +41,13 @@ def _build_model(cfg: Config):
     from .models import get_model
 
     return get_model(cfg.model, activation_checkpointing=cfg.activation_checkpointing)
+
+
+def _eval_prefix_frames(n: int) -> int:
+    """Frames of an utterance given as the AR's prefix when evaluating ``prompt_mode=paper``: 3 s, at most half."""
+    from .data import SEGMENT_FRAMES
+
+    return min(SEGMENT_FRAMES, n // 2)
 
 
 def _codes_match(hyp: torch.Tensor, ref: torch.Tensor) -> float:
@@ -84,19 +91,28 @@ class Evaluator:
             text, proms, resps = (to_device(batch[k], device) for k in ("text", "proms", "resps"))
             if cfg.model_kind == "ar":
                 out = model(text, proms, resps)
+                # prompt_mode=paper: the utterance's own first seconds are the prompt (VALL-E-continual);
+                # the hypothesis is compared with the rest
+                pre = [r[: _eval_prefix_frames(len(r)) if cfg.prompt_mode == "paper" else 0, 0] for r in resps]
+                rest = [r[len(p) :, 0] for p, r in zip(pre, resps)]
                 hyps = model.generate(
-                    text, proms, max_steps=cfg.max_val_ar_steps, temperature=cfg.sampling_temperature, generator=gen
+                    text, proms, max_steps=cfg.max_val_ar_steps, temperature=cfg.sampling_temperature, generator=gen,
+                    prefix_list=pre,
                 )
-                matches += [_codes_match(h, r[:, 0]) for h, r in zip(hyps, resps)]
-                greedy = model.generate(text, proms, max_steps=cfg.max_val_ar_steps, temperature=0.0)
-                greedy_matches += [_codes_match(h, r[:, 0]) for h, r in zip(greedy, resps)]
-                hyp_codes = [h.unsqueeze(-1) for h in hyps]
+                matches += [_codes_match(h, r) for h, r in zip(hyps, rest)]
+                greedy = model.generate(text, proms, max_steps=cfg.max_val_ar_steps, temperature=0.0, prefix_list=pre)
+                greedy_matches += [_codes_match(h, r) for h, r in zip(greedy, rest)]
+                hyp_codes = [torch.cat([p, h]).unsqueeze(-1) for p, h in zip(pre, hyps)]
             else:
                 # a fixed level per sample keeps the teacher-forced numbers comparable across evals
                 levels = (torch.arange(len(text), device=device) + bi) % 7 + 1
-                out = model(text, proms, resps, quant_levels=levels)
+                out = model(text, proms, resps, quant_levels=levels, **model_kwargs(batch))
                 hyp_codes = model.generate(text, proms, [r[:, :1] for r in resps], temperature=0.0)
-                matches += [float((h[:, 1:] == r[:, 1:]).float().mean()) for h, r in zip(hyp_codes, resps)]
+                for h, r, span in zip(hyp_codes, resps, batch["span"]):
+                    scored = torch.ones(len(r), dtype=torch.bool, device=r.device)
+                    if span is not None:  # frames the prompt gives away are not scored
+                        scored[span[0] : span[0] + span[1]] = False
+                    matches.append(float((h[scored, 1:] == r[scored, 1:]).float().mean()) if scored.any() else 0.0)
             for k, v in out.stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
             n_batches += 1
@@ -285,10 +301,18 @@ def _train(cfg: Config) -> int:
         return 2
     if state is None:
         state = TrainState(
-            extra={"phone_map": data.phone_map, "speakers": data.speakers, "model": cfg.model, "hparams": model.hparams}
+            extra={"phone_map": data.phone_map, "speakers": data.speakers, "model": cfg.model, "hparams": model.hparams,
+                   "prompt_mode": cfg.prompt_mode}
         )
+    elif state.extra.get("prompt_mode", "speaker") != cfg.prompt_mode:
+        _logger.error("%s was trained with prompt_mode=%s; this run asks for prompt_mode=%s. Resume with "
+                      "prompt_mode=%s, or start a new run under another name= (init_from= can take its weights)",
+                      cfg.ckpt_dir, state.extra.get("prompt_mode", "speaker"), cfg.prompt_mode,
+                      state.extra.get("prompt_mode", "speaker"))
+        return 2
     # measured on this run's training set every start (older checkpoints lack it); export reads it
     state.extra["max_frames_per_phone"] = data.max_frames_per_phone()
+    state.extra["prompt_mode"] = cfg.prompt_mode  # export records it; synthesis follows it
     if leader:
         _logger.info("model %s: %.2fM parameters; data %s", cfg.model, n_params / 1e6, json.dumps(summarize(data)))
         atomic_write_text(json.dumps(data.phone_map, indent=1), cfg.ckpt_dir / "phone_map.json")

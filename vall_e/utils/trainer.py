@@ -287,7 +287,7 @@ class Trainer:
         Stats (and the gradient norm) are turned into numbers only when ``log`` is set: reading a
         device tensor back every step would stall the GPU for nothing.
         """
-        from ..data import sequence_lengths
+        from ..data import model_kwargs, sequence_lengths
 
         engine, device = self.engine, self.engine.device
         totals: dict[str, torch.Tensor] = {}
@@ -301,7 +301,7 @@ class Trainer:
             self.positions[0] += sum(lens)
             self.positions[1] += len(lens) * max(lens)
             text, proms, resps = (to_device(batch[k], device) for k in ("text", "proms", "resps"))
-            out = engine(text, proms, resps)
+            out = engine(text, proms, resps, **model_kwargs(batch))
             if self._all_finite(out.loss):
                 engine.backward(out.loss)
                 if log:
