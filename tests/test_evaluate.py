@@ -297,3 +297,61 @@ def test_user_errors(espeak_corpus: Path, tmp_path: Path, capsys: pytest.Capture
     monkeypatch.setattr(transformers.AutoFeatureExtractor, "from_pretrained", offline)
     err = _error(capsys, [str(espeak_corpus), *out, "--min-seconds", "0", "--asr", "pocketsphinx", SPK])
     assert "wavlm" in err and "--speaker resemblyzer" in err
+
+
+def test_continual_mode(espeak_corpus: Path, eval_zoo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """VALL-E-continual: the utterance's own first seconds are the prompt; the saved audio is prompt +
+    continuation, transcribed against the whole transcript; SIM compares what follows the prompt."""
+    from vall_e.inference import Synthesizer
+
+    seen = []
+    real = Synthesizer.synthesize_batch
+
+    def spy(self, requests, **kw):
+        seen.append((list(requests), kw))
+        return real(self, requests, **kw)
+
+    monkeypatch.setattr(Synthesizer, "synthesize_batch", spy)
+    out = tmp_path / "cont"
+    assert ev.main([str(espeak_corpus), "--out", str(out), "--ar-ckpt", str(eval_zoo["ar"]), "--nar-ckpt",
+                    str(eval_zoo["nar"]), "--rows", "ground_truth,model", "--mode", "continual", "--prompt-seconds", "1",
+                    "--runs", "1", "--max-utterances", "3", "--min-seconds", "0", "--max-ar-steps", "15", *OFFLINE, SPK]) == 0
+    (requests, kw), = seen
+    assert all(r.continual and r.ref_text is None for r in requests) and kw["prompt_seconds"] == 1.0
+    res = json.loads((out / "results.json").read_text())
+    assert res["settings"]["mode"] == "continual" and res["model"]["utterances"] == 3
+    recs = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
+    for r in recs:
+        assert r["prompt"] == r["id"]  # its own beginning
+        if r["row"] == "model":
+            assert sf.info(str(out / r["wav"])).duration >= 1.0  # 1 s of prompt, then the continuation
+    prompt = out / "prompts" / f"{recs[0]['id']}.wav"
+    assert sf.info(str(prompt)).duration == pytest.approx(1.0, abs=0.01)
+
+
+def test_paper_mode_models_get_whole_prompt_utterances_with_transcripts(
+        espeak_corpus: Path, eval_zoo: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """An AR trained with prompt_mode=paper needs the prompt's transcript: cross-utterance requests carry the
+    whole prompt utterance and its text (a documented deviation from the 3 s crop)."""
+    from vall_e.inference import Synthesizer
+
+    monkeypatch.setattr(Synthesizer, "needs_ref_text", property(lambda self: True))
+    seen = []
+    real = Synthesizer.synthesize_batch
+
+    def spy(self, requests, **kw):
+        seen.extend(requests)
+        return real(self, requests, **kw)
+
+    monkeypatch.setattr(Synthesizer, "synthesize_batch", spy)
+    out = tmp_path / "paper"
+    assert ev.main([str(espeak_corpus), "--out", str(out), "--ar-ckpt", str(eval_zoo["ar"]), "--nar-ckpt",
+                    str(eval_zoo["nar"]), "--rows", "model", "--runs", "1", "--max-utterances", "4", "--min-seconds", "0",
+                    "--max-ar-steps", "10", *OFFLINE, SPK]) == 0
+    utts = {u.id: u for u in ev.build_list(espeak_corpus, 0, 0, "lambda p: p.parts[-3]")}
+    by_text = {u.text: u for u in utts.values()}
+    assert seen
+    for r in seen:
+        src = next(u for u in utts.values() if u.audio == Path(r.ref_wav))
+        assert r.ref_text == src.text and src.speaker == by_text[r.text].speaker and src.id != by_text[r.text].id
+    assert json.loads((out / "results.json").read_text())["settings"]["needs_ref_text"] is True

@@ -587,10 +587,7 @@ def request_for(u: Utterance, prompt: Prompt, mode: str, needs_ref_text: bool) -
     from .inference import Request
 
     if mode == "continual":
-        if "continual" not in Request.__dataclass_fields__:
-            raise EvalError("--mode continual needs vall_e.inference.Request(continual=True), which this version of "
-                            "vall_e lacks; update vall_e, or use --mode cross or --mode reference")
-        return Request(u.text, u.audio, continual=True, label=u.id), prompt  # type: ignore[call-arg]
+        return Request(u.text, u.audio, label=u.id, continual=True), prompt
     if needs_ref_text:
         whole = Prompt(prompt.source, prompt.audio, 0.0, None, prompt.text)
         return Request(u.text, prompt.audio, ref_text=prompt.text, label=u.id), whole
@@ -615,7 +612,9 @@ def run_model_row(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, st
     needs_ref_text = settings["needs_ref_text"]
     items = ctx.items
     chunks = [items[i : i + a.batch_size] for i in range(0, len(items), a.batch_size)]
-    prompt_seconds = None if a.mode == "reference" else a.prompt_seconds
+    # reference mode: the whole previous utterance is the prompt. A paper-mode model continues it (the
+    # AR reads all of it with its transcript) while its NAR keeps the 3 s prompt it was trained with.
+    prompt_seconds = None if a.mode == "reference" and not needs_ref_text else a.prompt_seconds
     for run in range(a.runs):
         bar = _bar(len(items), f"model run {run + 1}/{a.runs}", ctx.progress)
         for c, chunk in enumerate(chunks):
