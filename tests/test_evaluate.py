@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +65,8 @@ def test_normalizer_and_word_errors():
     assert n("HELLO, World!  It's") == "hello world it's"
     assert n("In 1984 the 3rd of 42 cats (50%) & co.") == \
         "in one thousand nine hundred eighty four the third of forty two cats fifty percent and co"
-    assert n("'Quoted' well-known 2.5 1,000") == "quoted well known two point five one thousand"
+    assert n("'Quoted' well-known 2.5 1,000 1920s 007") == \
+        "quoted well known two point five one thousand one thousand nine hundred twenties zero zero seven"
     assert n("\u201cSmart\u201d quotes \u2019n\u2019 dashes\u2014too") == "smart quotes n dashes too"
     e = metrics.word_errors("The cat sat on the mat.", "the cat sat on a hat and")
     assert (e.ref_words, e.substitutions, e.deletions, e.insertions) == (6, 2, 0, 1) and e.wer == pytest.approx(0.5)
@@ -125,6 +124,28 @@ def test_list_builder_librispeech_is_deterministic_and_filters_4_to_10_s(espeak_
     sub = ev.build_list(ls, 0, 0, max_utterances=4, seed=3)
     assert sub == ev.build_list(ls, 0, 0, max_utterances=4, seed=3) and len(sub) == 4
     assert sub == sorted(sub, key=lambda u: (u.speaker, u.id))
+
+
+def test_prepare_librispeech_script_downloads_unpacks_and_lists(espeak_corpus: Path, tmp_path: Path):
+    """scripts/prepare_librispeech.py from a local mirror: the archive's list equals the folder's."""
+    import importlib.util
+    import tarfile
+
+    src = tmp_path / "src" / "LibriSpeech" / "test-clean"
+    _librispeech_like(src, espeak_corpus, {"61": [4.5, 11.0], "1089": [6.0]})
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    with tarfile.open(mirror / "test-clean.tar.gz", "w:gz") as tar:
+        tar.add(src.parent, arcname="LibriSpeech")
+    spec = importlib.util.spec_from_file_location(
+        "prepare_librispeech", Path(__file__).resolve().parents[1] / "scripts" / "prepare_librispeech.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "list.tsv"
+    assert mod.main(["--root", str(tmp_path / "data"), "--downloads", str(tmp_path / "dl"), "--mirror", str(mirror),
+                     "--list", str(out), "--no-progress"]) == 0
+    assert [u.id for u in ev.read_list(out)] == ["1089-777-0000", "61-777-0000"]
+    assert [(u.text, u.seconds) for u in ev.read_list(out)] == [(u.text, u.seconds) for u in ev.build_list(src)]
 
 
 def test_list_from_corpus_layout(espeak_corpus: Path, tmp_path: Path):
@@ -250,6 +271,7 @@ def test_closed_vocabulary_asr_is_labelled(espeak_corpus: Path):
     assert set(hyp.split()) <= set(vocab)
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask:UserWarning")
 def test_wavlm_backend_loads_a_local_model(tmp_path: Path):
     """The default speaker backend's real loading path, on a tiny random WavLM x-vector model saved here."""
     transformers = pytest.importorskip("transformers")

@@ -34,7 +34,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -97,7 +97,8 @@ def normalize_text(text: str) -> str:
 
     In order: Unicode NFKC; lowercase; curly quotes to ``'``; ``&`` -> ``and``, ``%`` -> ``percent``;
     digits to words (``42`` -> ``forty two``, ``3rd`` -> ``third``, ``1,000`` -> ``one thousand``,
-    ``2.5`` -> ``two point five``); hyphens, dashes and slashes split words; every other character
+    ``2.5`` -> ``two point five``, ``1920s`` -> ``one thousand nine hundred twenties``: years are read as
+    cardinals); hyphens, dashes and slashes split words; every other character
     that is not a letter, a digit or a word-internal apostrophe is dropped; whitespace collapses.
     LibriSpeech's own transcripts (upper case, no punctuation) pass through as lower case. No
     spelling variants are merged (``colour`` != ``color``).
@@ -119,7 +120,9 @@ def normalize_text(text: str) -> str:
             spoken = " ".join(_ONES[int(d)] for d in digits)
         else:
             spoken = number_to_words(int(digits))
-        return f" {spoken} {token[len(digits):]} "
+        if token[len(digits):] == "s":  # "1920s": the plural of the last word
+            spoken = spoken[:-1] + "ies" if spoken.endswith("y") else spoken + "s"
+        return f" {spoken} "
 
     text = re.sub(r"\d+(?:st|nd|rd|th|s)?\b|\d+", words_for, text)
     text = re.sub(r"[^\w\s']|_", " ", text)
@@ -434,5 +437,3 @@ def vocabulary_of(texts: Sequence[str]) -> list[str]:
     """Sorted normalized words of ``texts`` (the closed vocabulary of ``pocketsphinx-vocab``)."""
     return sorted({w for t in texts for w in normalize_text(t).split()})
 
-
-Transcriber = Callable[["Tensor", int], str]
