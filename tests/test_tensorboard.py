@@ -190,3 +190,25 @@ def test_wandb_section_only_when_asked_and_installed(monkeypatch, caplog):
     assert any("wandb package is not installed" in r.getMessage() for r in caplog.records)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
     assert deepspeed_config(cfg)["wandb"] == {"enabled": True, "project": "vall-e", "group": "mine/ar"}
+
+
+def test_sigterm_leaves_complete_event_files(tmp_path, prepared_corpus):
+    """A preempted run (SIGTERM: save, exit 0) has every logged step in its events, up to the last one."""
+    import signal
+    import time
+
+    cfg = write_cfg(tmp_path, "ar", prepared_corpus, index_root=str(tmp_path / "index"), max_iter=10_000, log_every=1,
+                    save_ckpt_every=10_000, eval_every=10_000)
+    proc = _start(cfg)
+    logs = tmp_path / "logs"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(stats(logs)) < 3:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    out = _finish(proc)
+    assert "SIGTERM" in out
+    steps = [r["step"] for r in stats(logs)]
+    assert 3 <= steps[-1] < 10_000
+    (events,) = _events(logs)
+    ea = _accumulator(events.parent)
+    assert [e.step for e in ea.Scalars("train/loss")] == steps
