@@ -148,6 +148,8 @@ def test_event_files_hold_eval_audio_and_settings(runs):
     assert start.hparams["model"].string_value == "ar-tiny"
     assert start.hparams["lr"].number_value == pytest.approx(1e-3)
     assert start.hparams["batch_size"].number_value == 2
+    if "prompt_mode" in Config.field_names():
+        assert start.hparams["prompt_mode"].string_value == "speaker"
 
 
 def test_tensorboard_false_writes_no_events_and_wandb_gets_the_stats(runs):
