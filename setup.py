@@ -37,6 +37,9 @@ setup(
         "soundfile>=0.12",
         "matplotlib>=3.5",
         "numpy>=1.23",
+        # TensorBoard event files (tensorboard=true, the default; vall_e/utils/monitor.py). 2.17.1 is the
+        # first release that works with NumPy 2 and relaxed its protobuf pin.
+        "tensorboard>=2.17.1",
     ],
     extras_require={
         "test": ["pytest>=7"],

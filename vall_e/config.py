@@ -105,6 +105,9 @@ class Config(BaseConfig):
     init_from: Optional[str] = field(None, help="start a new run from these weights: an exported .pt or a checkpoint folder")
     ckpt_root: str = field("ckpts", help="checkpoints go to <ckpt_root>/<cfg_name>/")
     log_root: str = field("logs", help="logs go to <log_root>/<cfg_name>/<start time>/")
+    tensorboard: bool = field(True, help="also write the logged stats, eval audio and settings as TensorBoard events into the log folder")
+    wandb: bool = field(False, help="also send the logged stats to Weights & Biases through DeepSpeed's monitor (pip install wandb)")
+    wandb_project: str = field("vall-e", help="W&B project when wandb=true (runs are grouped by cfg_name)")
 
     # runtime
     device: str = field(default_factory=_default_device, help="cuda when available, else cpu")

@@ -135,6 +135,7 @@ class Evaluator:
         out_dir = self.cfg.log_dir / "eval" / f"step{step}" / split
         try:
             from .emb import qnt
+            from .utils import monitor
 
             for path, ref, hyp in zip(paths, refs, hyps):
                 if len(hyp) == 0:  # the AR stopped at once: nothing to decode
@@ -142,6 +143,8 @@ class Evaluator:
                 uid = utterance_id(path)
                 qnt.decode_to_file(ref.cpu(), out_dir / f"{uid}.ref.wav", device=self.cfg.device, codec_weights=self.cfg.codec_weights)
                 qnt.decode_to_file(hyp.cpu(), out_dir / f"{uid}.hyp.wav", device=self.cfg.device, codec_weights=self.cfg.codec_weights)
+                if monitor.active() is not None:  # a few of them as TensorBoard audio too
+                    monitor.active().eval_audio(split, uid, out_dir / f"{uid}.ref.wav", out_dir / f"{uid}.hyp.wav", step)
         except Exception as e:  # e.g. pretrained weights unavailable offline
             self._audio_failed = True
             _logger.warning("evaluation audio is not written (codec_weights=%s): %s", self.cfg.codec_weights, e)

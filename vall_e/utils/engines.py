@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
+from .monitor import deepspeed_monitor_config
 
 _logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "zero_optimization": {"stage": cfg.zero_stage},
         "steps_per_print": 10**12,  # we log ourselves
         "wall_clock_breakdown": False,
+        **deepspeed_monitor_config(cfg),  # W&B when wandb=true (TensorBoard is written by utils/monitor.py)
     }
 
 

@@ -14,7 +14,8 @@ saves and stops with exit status 2. fp16 gradient overflow stays DeepSpeed's los
 SIGTERM and SIGINT (cluster preemption, Ctrl-C) do what ``quit`` does: the current step finishes,
 every rank saves, and the process exits 0. A second signal ends the process at once.
 
-Stats go to the log as one JSON object per line (``scripts/plot.py`` draws them).
+Stats go to the log as one JSON object per line (``scripts/plot.py`` draws them), and to TensorBoard
+event files in the same folder (``tensorboard=true``, see :mod:`vall_e.utils.monitor`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
-from . import distributed
+from . import distributed, monitor
 from .diagnostic import check_replicas_in_sync
 from .engines import load_checkpoint, save_checkpoint
 from .helpers import release_free_memory, to_device
@@ -49,8 +50,11 @@ CLIENT_KEY = "vall_e"  # our part of a DeepSpeed checkpoint's client state
 
 
 def log_stats(stats: dict[str, Any]) -> None:
-    """One JSON object per line: the format ``scripts/plot.py`` reads."""
+    """One JSON object per line: the format ``scripts/plot.py`` reads; mirrored to TensorBoard/W&B when on."""
     _logger.info(json.dumps(stats, sort_keys=True))
+    mon = monitor.active()
+    if mon is not None:
+        mon.log(stats)
 
 
 class StdinCommands:
@@ -391,8 +395,11 @@ class Trainer:
         """Train to ``max_iter`` (or until ``quit`` or a signal); returns the process exit status."""
         previous = self._install_signal_handlers()
         try:
+            if self.state.step < self.cfg.max_iter:
+                monitor.open_monitor(self.cfg, self.engine, self.state.step)  # TensorBoard/W&B, global leader only
             return self._run()
         finally:
+            monitor.close_monitor()  # every way out: max_iter, quit, SIGTERM/SIGINT, exit status 2, an error
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
