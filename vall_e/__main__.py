@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .inference import add_sampling_arguments, sampling_options
+
 USAGE_EXAMPLES = """examples:
   python -m vall_e "Hello there." ref.wav out.wav --ar-ckpt zoo/ar.pt --nar-ckpt zoo/nar.pt
   python -m vall_e "And then?" ref.wav out.wav --ref-text "transcript of ref.wav" --ar-ckpt ... --nar-ckpt ...
@@ -49,19 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ar-ckpt", required=True, type=Path, help="exported AR model (python -m vall_e.export)")
     p.add_argument("--nar-ckpt", required=True, type=Path, help="exported NAR model")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available, else cpu)")
-    p.add_argument("--ar-temp", type=float, default=1.0, help="AR sampling temperature (default 1.0)")
-    p.add_argument("--nar-temp", type=float, default=0.0, help="NAR temperature, 0 = greedy (default 0.0)")
-    p.add_argument("--top-k", type=int, default=0, help="AR top-k sampling, 0 = off (default)")
-    p.add_argument("--top-p", type=float, default=1.0, help="AR nucleus sampling mass, 1 = off (default)")
-    p.add_argument("--max-ar-steps", type=int, default=1000, help="most AR frames per output, 75 per second (default 1000)")
-    p.add_argument("--ras", action="store_true",
-                   help="repetition-aware sampling (VALL-E 2): a code that fills more than --ras-threshold of the last "
-                        "--ras-window codes is redrawn without the top-k/top-p filter; use with --top-p < 1 (default off)")
-    p.add_argument("--ras-window", type=int, default=10, help="RAS history window K in frames (default 10, the paper's)")
-    p.add_argument("--ras-threshold", type=float, default=0.1, help="RAS repetition ratio threshold (default 0.1, the paper's)")
-    p.add_argument("--frames-per-phone", type=float, default=None,
-                   help="length guard: at most this many AR frames per phone of the text (default: the largest ratio "
-                        "of the AR's training set, stored at export; 0 = off)")
+    add_sampling_arguments(p)
     p.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same wav (default: random, printed)")
     p.add_argument("--prompt-seconds", type=float, default=None,
                    help="use the first N seconds of the reference as the prompt (default 3.0; 0 = all of it)")
@@ -168,9 +158,7 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
         print("note: codec_weights=untrained: the codec has random weights, so the output is NOT speech "
               "(it only proves the pipeline runs); use codec_weights=pretrained or a weights file for real audio",
               file=sys.stderr)
-    options = dict(ar_temp=args.ar_temp, nar_temp=args.nar_temp, top_k=args.top_k, top_p=args.top_p,
-                   max_ar_steps=args.max_ar_steps, seed=seed, prompt_seconds=prompt_seconds, ras=args.ras,
-                   ras_window=args.ras_window, ras_threshold=args.ras_threshold, frames_per_phone=args.frames_per_phone)
+    options = dict(sampling_options(args), seed=seed, prompt_seconds=prompt_seconds)
     try:
         synth = Synthesizer(args.ar_ckpt, args.nar_ckpt, device=device, codec_weights=codec_weights)
         # one-time loads before the clock starts, so the real-time factor measures synthesis alone

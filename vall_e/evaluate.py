@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
+from .inference import add_sampling_arguments, sampling_options
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -574,8 +576,7 @@ def model_settings(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, s
     return {"row": "model", "codec_weights": ctx.codec_weights, "models": fingerprints,
             "needs_ref_text": bool(getattr(synth, "needs_ref_text", False)), "best_of": a.best_of,
             "batch_size": a.batch_size,
-            "sampling": {"ar_temp": a.ar_temp, "nar_temp": a.nar_temp, "top_k": a.top_k, "top_p": a.top_p,
-                         "max_ar_steps": a.max_ar_steps, "ras": a.ras}}
+            "sampling": sampling_options(a)}
 
 
 def request_for(u: Utterance, prompt: Prompt, mode: str, needs_ref_text: bool) -> tuple[Any, Prompt]:
@@ -627,8 +628,7 @@ def run_model_row(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, st
             for s in range(a.best_of):
                 outs = synth.synthesize_batch(
                     list(reqs), seed=_chunk_seed(a.seed, run, s, c), prompt_seconds=prompt_seconds,
-                    batch_size=a.batch_size, ar_temp=a.ar_temp, nar_temp=a.nar_temp, top_k=a.top_k, top_p=a.top_p,
-                    max_ar_steps=a.max_ar_steps, ras=a.ras,
+                    batch_size=a.batch_size, **sampling_options(a),
                 )
                 ctx.scorer.calls["synthesis"] += len(outs)
                 for k, (u, out) in enumerate(zip(chunk, outs)):
@@ -844,12 +844,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="seed of prompt choice, subsets and sampling (default 0)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=8, help="synthesis requests per forward pass (default 8)")
-    p.add_argument("--ar-temp", type=float, default=1.0, help="AR sampling temperature (default 1.0)")
-    p.add_argument("--nar-temp", type=float, default=0.0, help="NAR temperature (default 0, greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="AR top-k (default 0 = off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="AR nucleus mass (default 1 = off)")
-    p.add_argument("--max-ar-steps", type=int, default=1000, help="most AR frames per output (default 1000 = 13.3 s)")
-    p.add_argument("--ras", action="store_true", help="VALL-E 2 repetition-aware sampling (use with --top-p < 1)")
+    add_sampling_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

@@ -69,6 +69,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 if TYPE_CHECKING:
+    import argparse
+
     import torch
     from torch import Tensor
 
@@ -574,6 +576,35 @@ def _unknown_phones_error(
         "Rephrase without those words, or train on a corpus that covers them."
     )
     return UnknownPhonesError(msg, sorted(unknown), words)
+
+
+# --------------------------------------------------------------------------------------------
+# command-line sampling options (the synthesis CLI and vall_e.evaluate)
+
+
+def add_sampling_arguments(p: "argparse.ArgumentParser") -> None:
+    """Add the AR/NAR sampling options of :meth:`Synthesizer.synthesize_batch` to a parser."""
+    p.add_argument("--ar-temp", type=float, default=1.0, help="AR sampling temperature (default 1.0)")
+    p.add_argument("--nar-temp", type=float, default=0.0, help="NAR temperature, 0 = greedy (default 0.0)")
+    p.add_argument("--top-k", type=int, default=0, help="AR top-k sampling, 0 = off (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="AR nucleus sampling mass, 1 = off (default)")
+    p.add_argument("--max-ar-steps", type=int, default=1000, help="most AR frames per output, 75 per second (default 1000)")
+    p.add_argument("--ras", action="store_true",
+                   help="repetition-aware sampling (VALL-E 2): a code that fills more than --ras-threshold of the last "
+                        "--ras-window codes is redrawn without the top-k/top-p filter; use with --top-p < 1 (default off)")
+    p.add_argument("--ras-window", type=int, default=RAS_WINDOW, help="RAS history window K in frames (default 10, the paper's)")
+    p.add_argument("--ras-threshold", type=float, default=RAS_THRESHOLD,
+                   help="RAS repetition ratio threshold (default 0.1, the paper's)")
+    p.add_argument("--frames-per-phone", type=float, default=None,
+                   help="length guard: at most this many AR frames per phone of the text (default: the largest ratio "
+                        "of the AR's training set, stored at export; 0 = off)")
+
+
+def sampling_options(args: "argparse.Namespace") -> dict[str, Any]:
+    """The :func:`add_sampling_arguments` values as keyword arguments of :meth:`Synthesizer.synthesize_batch`."""
+    return dict(ar_temp=args.ar_temp, nar_temp=args.nar_temp, top_k=args.top_k, top_p=args.top_p,
+                max_ar_steps=args.max_ar_steps, ras=args.ras, ras_window=args.ras_window,
+                ras_threshold=args.ras_threshold, frames_per_phone=args.frames_per_phone)
 
 
 # --------------------------------------------------------------------------------------------
