@@ -94,16 +94,6 @@ def read_batch_file(path: Path, shared_ref: Path | None, shared_ref_text: str | 
     return out
 
 
-def write_wav(wav, sample_rate: int, path: Path) -> None:
-    """Write float ``(1, n)`` audio as 16-bit PCM wav, atomically."""
-    import soundfile as sf
-
-    from .utils.helpers import atomic_path
-
-    with atomic_path(path) as tmp:
-        sf.write(str(tmp), wav[0].clamp(-1, 1).numpy(), sample_rate, subtype="PCM_16", format="WAV")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import Config
 
@@ -150,7 +140,7 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
     prompt_seconds = 3.0 if args.prompt_seconds is None else args.prompt_seconds
 
     from .emb import g2p
-    from .emb.qnt import AudioError, CodecUnavailableError, load_codec
+    from .emb.qnt import AudioError, CodecUnavailableError, load_codec, write_wav
     from .export import InferenceFileError
     from .inference import Request, SynthesisError, Synthesizer
 

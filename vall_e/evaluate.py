@@ -334,17 +334,6 @@ def load_wav(path: Path, start: float = 0.0, end: Optional[float] = None) -> tup
     return wav.mean(0), sr
 
 
-def write_wav(wav: "Tensor", sr: int, path: Path) -> None:
-    """Float ``(n,)`` or ``(1, n)`` -> 16-bit PCM wav, atomically."""
-    import soundfile as sf
-
-    from .utils.helpers import atomic_path
-
-    x = wav.reshape(-1).clamp(-1, 1).numpy()
-    with atomic_path(path) as tmp:
-        sf.write(str(tmp), x, sr, subtype="PCM_16", format="WAV")
-
-
 # --------------------------------------------------------------------------------------------
 # the resumable cache
 
@@ -531,6 +520,7 @@ def _foils(utts: Sequence[Utterance], plan: dict[str, Prompt]) -> dict[str, tupl
 
 def run_reference_rows(ctx: Context, rows: Sequence[str]) -> None:
     """Score ``ground_truth`` and/or ``codec`` (deterministic: run 0 only)."""
+    from .emb.qnt import write_wav
     from .metrics import cosine, word_errors
 
     foils = _foils(ctx.utts, ctx.plan)
@@ -606,6 +596,7 @@ def run_model_row(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, st
     """
     import torch
 
+    from .emb.qnt import write_wav
     from .metrics import word_errors
 
     a = ctx.args
@@ -957,7 +948,7 @@ def _run(args: argparse.Namespace, codec_weights: str, spkr_name_getter: str) ->
         dest = args.out / "prompts" / f"{u.id}.wav"
         if not dest.is_file():
             wav, sr = load_wav(p.audio, p.start, p.end)
-            write_wav(wav, sr, dest)
+            qnt.write_wav(wav, sr, dest)
 
     settings = {"mode": args.mode, "runs": args.runs, "best_of": args.best_of, "seed": args.seed,
                 "prompt_seconds": args.prompt_seconds, "sim_against": args.sim_against, "min_seconds": args.min_seconds,

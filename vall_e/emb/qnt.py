@@ -517,14 +517,19 @@ def decode_to_file(
     codes: "torch.Tensor", path: str | Path, device: str = "cpu", codec_weights: str = "pretrained"
 ) -> None:
     """Decode one utterance's codes (``(1, q, t)`` or ``(t, q)``) and write 24 kHz 16-bit audio atomically."""
-    import soundfile as sf
-
     codes = _as_codes(codes)
     if codes.shape[0] != 1:
         raise ValueError(f"decode_to_file writes one utterance; got a batch of {codes.shape[0]}")
     wav, sr = decode(codes, device, codec_weights)
+    write_wav(wav, sr, path, format=_sf_format(path))
+
+
+def write_wav(wav: "torch.Tensor", sample_rate: int, path: str | Path, format: str = "WAV") -> None:
+    """Write float mono audio ``(n,)`` or ``(1, n)`` as 16-bit PCM, atomically (clipped to [-1, 1])."""
+    import soundfile as sf
+
     with atomic_path(path) as tmp:
-        sf.write(str(tmp), wav[0].clamp(-1, 1).numpy(), sr, subtype="PCM_16", format=_sf_format(path))
+        sf.write(str(tmp), wav.reshape(-1).clamp(-1, 1).numpy(), sample_rate, subtype="PCM_16", format=format)
 
 
 def _sf_format(path: str | Path) -> str:
