@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .config import Config
 from .corpus import OK, BAD_CODES, BAD_PHONES, NO_PHONES, CorpusIndex, DataError, open_index, read_codes_file
-from .sampler import BucketBatchSampler, Draw, min_prompt_frames, segment_frames_of
+from .sampler import BucketBatchSampler, Draw, least_prompt_frames, segment_frames_of
 
 _logger = logging.getLogger(__name__)
 
@@ -427,7 +427,7 @@ class DataBundle:
             draws = []
             for r in rows.tolist():
                 frames = int(self.n_frames[r])
-                length = int(segment_frames_of(np.array([frames]), SEGMENT_FRAMES)[0])
+                length = int(segment_frames_of(frames, SEGMENT_FRAMES))
                 rng = random.Random(f"{cfg.seed}-segment-{self.corpus.qnt_path(r)}")
                 draws.append(Draw(int(r), (), (rng.randrange(frames - length + 1), length)))
             return draws
@@ -518,12 +518,7 @@ def load_data(cfg: Config, phone_map: dict[str, int] | None = None, progress: bo
         if cfg.batch_frames <= 0 or not len(rows):
             break
         grouped, starts, _ = _group(rows, spk)
-        if kind == "speaker":
-            least = min_prompt_frames(starts, n_frames[grouped])
-        elif kind == "segment":
-            least = segment_frames_of(n_frames[grouped], SEGMENT_FRAMES)
-        else:
-            least = 0
+        least = least_prompt_frames(kind, starts, n_frames[grouped], SEGMENT_FRAMES)
         cheapest = own_cost(n_phones[grouped], n_frames[grouped]) + least
         over = grouped[cheapest > cfg.batch_frames]
         if not len(over):

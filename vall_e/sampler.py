@@ -49,9 +49,21 @@ def min_prompt_frames(spkr_start: np.ndarray, frames: np.ndarray) -> np.ndarray:
 PROMPTS = ("speaker", "none", "segment")
 
 
-def segment_frames_of(frames: np.ndarray, segment_frames: int) -> np.ndarray:
+def segment_frames_of(frames: "np.ndarray | int", segment_frames: int) -> np.ndarray:
     """Length of the self-prompt segment of utterances of ``frames`` frames: at most half of each."""
     return np.clip(np.minimum(segment_frames, np.asarray(frames) // 2), 1, None)
+
+
+def least_prompt_frames(prompt: str, spkr_start: np.ndarray, frames: np.ndarray, segment_frames: int) -> np.ndarray:
+    """``(m,)`` the fewest prompt frames each utterance can be drawn with under ``prompt`` (:data:`PROMPTS`).
+
+    ``spkr_start``/``frames`` as in :class:`BucketBatchSampler`.
+    """
+    if prompt == "speaker":
+        return min_prompt_frames(spkr_start, frames)
+    if prompt == "segment":
+        return segment_frames_of(frames, segment_frames)
+    return np.zeros(len(frames), np.int64)
 
 
 @dataclass(frozen=True)
@@ -122,18 +134,10 @@ class BucketBatchSampler:
         self.p_additional_prompt = p_additional_prompt
         self.seed, self.rank, self.start_batch = seed, rank, start_batch
         if batch_frames > 0:
-            cheapest = self.own_cost + self._least_prompt()
+            cheapest = self.own_cost + least_prompt_frames(prompt, self.spkr_start, self.frames, segment_frames)
             if (cheapest > batch_frames).any():
                 raise ValueError(f"{int((cheapest > batch_frames).sum())} utterances cannot fit batch_frames={batch_frames}")
         self.pool_size = self._pool_size()
-
-    def _least_prompt(self) -> np.ndarray:
-        """``(m,)`` the fewest prompt frames each utterance can be drawn with."""
-        if self.prompt == "speaker":
-            return min_prompt_frames(self.spkr_start, self.frames)
-        if self.prompt == "segment":
-            return segment_frames_of(self.frames, self.segment_frames)
-        return np.zeros(len(self.frames), np.int64)
 
     def _pool_size(self) -> int:
         """Candidates per pool: ``bucket_batches`` x the expected rows per batch."""

@@ -46,8 +46,9 @@ def _build_model(cfg: Config):
 def _eval_prefix_frames(n: int) -> int:
     """Frames of an utterance given as the AR's prefix when evaluating ``prompt_mode=paper``: 3 s, at most half."""
     from .data import SEGMENT_FRAMES
+    from .sampler import segment_frames_of
 
-    return min(SEGMENT_FRAMES, n // 2)
+    return int(segment_frames_of(n, SEGMENT_FRAMES))  # the rule of the NAR's training segment
 
 
 def _codes_match(hyp: torch.Tensor, ref: torch.Tensor) -> float:
