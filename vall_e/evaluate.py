@@ -65,8 +65,6 @@ if TYPE_CHECKING:
 ROWS = ("ground_truth", "codec", "model")
 MODES = ("cross", "continual", "reference")
 LIST_COLUMNS = ("id", "audio", "text", "speaker", "seconds")
-AUDIO_SUFFIXES = (".wav", ".flac")
-TEXT_SUFFIX = ".normalized.txt"
 CACHE_VERSION = 1
 PAPER_ROWS = {  # arXiv 2301.02111 Table 2 (LibriSpeech test-clean 4-10 s): WER %, SIM
     "ground_truth": (2.2, 0.754),
@@ -143,6 +141,7 @@ def list_from_corpus(folder: Path, spkr_name_getter: str) -> list[Utterance]:
     """Every ``<id>.wav``/``.flac`` with an ``<id>.normalized.txt`` beside it (this project's layout);
     the speaker comes from ``spkr_name_getter`` (``lambda p: p.parts[<int>]``) on the audio path."""
     from .config import parse_spkr_name_getter
+    from .emb.qnt import AUDIO_SUFFIXES, TEXT_SUFFIX
     from .utils.helpers import find_files_nocase, sibling
 
     getter = parse_spkr_name_getter(spkr_name_getter)

@@ -69,6 +69,7 @@ from ..utils.helpers import (
     sibling,
     utterance_id,
 )
+from .g2p import TEXT_SUFFIX  # transcripts written beside manifest segments, read by g2p
 
 if TYPE_CHECKING:
     import torch
@@ -542,7 +543,6 @@ def _sf_format(path: str | Path) -> str:
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 MAX_WHOLE_SECONDS = 120.0  # longer files are refused without a segment manifest (memory bound)
-TEXT_SUFFIX = ".normalized.txt"
 _SAFE_NAME = re.compile(r"^[^/\\.\x00][^/\\\x00]*$")
 
 
