@@ -167,42 +167,6 @@ def balanced_shards(weights: list[float], n_shards: int) -> list[list[int]]:
     return [sorted(s) for s in shards]
 
 
-def gather_to_rank0(obj: Any, world_size: int) -> list[Any] | None:
-    """Every rank's ``obj`` (a picklable value) as a list on rank 0, None on other ranks.
-
-    Uses the initialized torch.distributed group. Without one (``world_size`` 1, or ranks started
-    by hand without a launcher's rendezvous) it returns ``[obj]``: that rank reports its shard only.
-    """
-    import torch.distributed as dist
-
-    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
-
-
-def init_gloo_for_summary(world_size: int, days: float = 7.0) -> bool:
-    """Join a CPU (gloo) group when a launcher started ``world_size`` > 1 ranks; True when joined.
-
-    Used only to merge per-rank summaries at the end, so its collective timeout is long: ranks
-    may finish their shards hours apart. Needs the launcher's MASTER_ADDR/MASTER_PORT; without
-    them (ranks started by hand) it returns False and each rank reports its own shard.
-    """
-    import datetime
-
-    import torch.distributed as dist
-
-    if world_size == 1 or not dist.is_available():
-        return False
-    if dist.is_initialized():
-        return True
-    if not (os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT")):
-        return False
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=days))
-    return True
-
-
 def pin_malloc_thresholds(mmap_threshold: int = 1 << 20) -> bool:
     """Stop glibc's heap from growing with variable tensor shapes; True when applied (Linux, glibc).
 
