@@ -57,14 +57,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ..utils.distributed import gather_to_rank0, init_gloo_for_summary
 from ..utils.helpers import (
     atomic_path,
     atomic_write_bytes,
     balanced_shards,
     dist_env,
     find_files_nocase,
-    gather_to_rank0,
-    init_gloo_for_summary,
     setup_logging,
     sibling,
     utterance_id,
