@@ -246,7 +246,8 @@ def _pids_with_env(marker: str, rank: int) -> list[int]:
 def test_sigterm_to_one_rank_stops_all_ranks_after_a_save(tmp_path, prepared_corpus):
     cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=100_000, save_ckpt_every=100_000, log_every=1)
     marker = str(tmp_path)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "VALL_E_TEST": marker}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "VALL_E_TEST": marker,
+           "VALL_E_STRICT_COMM": "1"}  # the signal's all-reduce must be one NCCL accepts
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "vall_e.train", f"yaml={cfg_path}"], cwd=REPO, text=True, env=env,
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

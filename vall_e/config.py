@@ -89,13 +89,18 @@ class Config(BaseConfig):
     warmup_max_lr: float = field(2e-4, help="peak learning rate after warmup")
     warmup_num_steps: int = field(1000, help="steps of linear warmup")
     max_iter: int = field(1_000_000, help="total training steps (lr decays to 0 there)")
-    gradient_clipping: float = field(100.0, help="max gradient norm")
+    gradient_clipping: float = field(100.0, help="clip when the global L2 norm of the unscaled gradients (logged as "
+                                     "grad_norm, before clipping) exceeds this (0 = off)")
     gradient_accumulation_steps: int = field(1, help="micro-batches per optimizer step")
-    optimizer: str = field("adam", help="adam | adamw")
-    weight_decay: float = field(0.0, help="weight decay (adamw)")
+    optimizer: str = field("adam", help="adam (weight decay added to the gradient, L2) | adamw (decoupled weight decay); "
+                           "torch's fused kernel either way")
+    weight_decay: float = field(0.0, help="weight decay: an L2 term with optimizer=adam, decoupled with adamw")
     zero_stage: int = field(0, help="DeepSpeed ZeRO stage 0-3")
-    use_fp16: bool = field(True, help="fp16 mixed precision on GPU (ignored on CPU)")
-    use_bf16: bool = field(False, help="bf16 mixed precision on GPU (takes precedence over use_fp16)")
+    use_fp16: bool = field(True, help="train in half precision on GPU: bf16 where the GPU has it (Ampere+), else fp16 "
+                           "(see half_precision; ignored on CPU)")
+    half_precision: str = field("auto", help="which half precision use_fp16 means: auto (bf16 if the GPU has it, else "
+                                "fp16) | bf16 | fp16")
+    use_bf16: bool = field(False, help="bf16 mixed precision on GPU (older recipes: same as half_precision=bf16)")
     eval_every: int = field(2000, help="evaluate every N steps")
     save_ckpt_every: int = field(2000, help="save a checkpoint every N steps")
     log_every: int = field(10, help="log training stats every N steps")
@@ -129,6 +134,8 @@ class Config(BaseConfig):
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
         if self.min_phones > self.max_phones:
             raise ConfigError(f"min_phones={self.min_phones} is larger than max_phones={self.max_phones}")
+        if self.half_precision not in ("auto", "bf16", "fp16"):
+            raise ConfigError(f"half_precision={self.half_precision!r}: use auto, bf16 or fp16")
         if self.prompt_mode not in ("speaker", "paper"):
             raise ConfigError(f"prompt_mode={self.prompt_mode!r}: use speaker (other utterances of the speaker) or paper")
         if self.index_check not in ("files", "dirs", "off"):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.distributed as dist
+
+from . import distributed
 
 _logger = logging.getLogger(__name__)
 
@@ -13,11 +14,12 @@ _logger = logging.getLogger(__name__)
 @torch.no_grad()
 def weights_fingerprint(model: torch.nn.Module) -> float:
     """A cheap scalar summary of all parameters (float64 sum of a fixed projection)."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = None
     for i, p in enumerate(model.parameters()):
         w = p.detach().double().flatten()
-        total += (w * (1.0 + (torch.arange(w.numel(), dtype=torch.float64, device=w.device) % 7) * 1e-3)).sum().cpu() * (i + 1)
-    return float(total)
+        term = (w * (1.0 + (torch.arange(w.numel(), dtype=torch.float64, device=w.device) % 7) * 1e-3)).sum() * (i + 1)
+        total = term if total is None else total + term.to(total.device)
+    return float(total) if total is not None else 0.0  # one read back, not one per parameter
 
 
 def check_replicas_in_sync(model: torch.nn.Module, step: int) -> bool:
@@ -27,10 +29,9 @@ def check_replicas_in_sync(model: torch.nn.Module, step: int) -> bool:
     a rank skipped a step or used different hyper-parameters, and training has silently forked.
     """
     fp = weights_fingerprint(model)
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not distributed.active():
         return True
-    gathered: list[float] = [0.0] * dist.get_world_size()
-    dist.all_gather_object(gathered, fp)
+    gathered = distributed.all_gather_object(fp)
     ok = all(g == gathered[0] for g in gathered)
     if ok:
         _logger.info("step %d: weights of all %d ranks are identical (fingerprint %.10e)", step, len(gathered), fp)

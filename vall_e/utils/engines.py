@@ -4,13 +4,28 @@ One engine wraps one model (the AR or the NAR). The DeepSpeed config is derived 
 config, so users only edit our YAML: optimizer, WarmupDecayLR schedule, clipping, accumulation,
 mixed precision and ZeRO stage. On CPU (tests, laptops) the gloo backend and full precision are used.
 
-Checkpoints (issue 10): a save becomes visible only when complete (written under a ``.partial-``
-name, renamed, then ``latest`` updated); resume picks the newest complete checkpoint and falls back
-past damaged ones; DeepSpeed's loads are made weights-only; ``.lock`` keeps one run per folder.
+Optimizer: torch's fused Adam/AdamW kernel (``torch.optim.AdamW(fused=True)``, CUDA and CPU) through
+DeepSpeed's ``torch_adam`` switch. It needs no compiled DeepSpeed op: DeepSpeed's own FusedAdam is
+JIT-built with ``nvcc`` at the first ``deepspeed.initialize`` unless the wheel was built with it, and a
+driver-only GPU machine has no ``nvcc``. The fused kernel also reads a ``found_inf`` flag, which lets
+the trainer skip a non-finite step without a host sync (:func:`skip_step_unless`).
+
+Precision (:func:`precision`): on CUDA, ``use_fp16`` (train in half precision) picks bf16 on GPUs
+that have it (Ampere and newer) and fp16 elsewhere; ``half_precision`` forces one. TF32 matmuls are
+allowed for fp32 work on CUDA (:func:`allow_tf32`). With ``gradient_accumulation_steps > 1``, bf16
+training accumulates gradients in fp32: DeepSpeed's BF16 optimizer (ZeRO stage 1 with
+``data_types.grad_accum_dtype = fp32``; stage 0 has no fp32 accumulation and rejects that setting).
+fp16 keeps DeepSpeed's loss-scaled fp16 accumulation: DeepSpeed offers no fp32 accumulation for fp16.
+
+Checkpoints: a save becomes visible only when complete (written under a ``.partial-`` name,
+renamed, then ``latest`` updated); resume picks the newest complete checkpoint and falls back past
+damaged ones, with every rank agreeing before any of them enters DeepSpeed's load; DeepSpeed's loads
+are made weights-only; ``.lock`` keeps one run per folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,10 +34,9 @@ import socket
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from ..config import Config
 from .monitor import deepspeed_monitor_config
@@ -30,28 +44,76 @@ from .monitor import deepspeed_monitor_config
 _logger = logging.getLogger(__name__)
 
 
+def bf16_supported(device: str) -> bool:
+    """Whether ``device`` computes in bf16 natively (CUDA compute capability 8.0+: Ampere, Hopper, ...)."""
+    if not device.startswith("cuda"):
+        return False
+    import torch
+
+    index = torch.device(device).index
+    return torch.cuda.get_device_capability(torch.cuda.current_device() if index is None else index)[0] >= 8
+
+
 def precision(cfg: Config) -> str:
-    """``"bf16"``, ``"fp16"`` or ``"fp32"``: mixed precision only where the device supports it."""
+    """``"bf16"``, ``"fp16"`` or ``"fp32"``: mixed precision only where the device supports it.
+
+    ``use_fp16`` means "train in half precision": bf16 where the GPU has it (no loss scaling, no
+    skipped overflow steps), fp16 elsewhere; ``half_precision=bf16|fp16`` overrides that choice and
+    ``use_bf16`` (older recipes) means ``half_precision=bf16``. The CPU trains in fp32.
+    """
     if not cfg.device.startswith("cuda"):
         return "fp32"
     if cfg.use_bf16:
         return "bf16"
-    return "fp16" if cfg.use_fp16 else "fp32"
+    if not cfg.use_fp16:
+        return "fp32"
+    if cfg.half_precision != "auto":
+        return cfg.half_precision
+    return "bf16" if bf16_supported(cfg.device) else "fp16"
+
+
+def optimizer_config(cfg: Config) -> dict[str, Any]:
+    """DeepSpeed's ``optimizer`` section: Adam (L2 weight decay) or AdamW (decoupled), torch's fused kernel.
+
+    DeepSpeed turns ``type: Adam`` into AdamW unless ``adam_w_mode`` is false, so it is set explicitly:
+    ``optimizer=adam`` is Adam.
+    """
+    adamw = cfg.optimizer.lower() == "adamw"
+    params: dict[str, Any] = {
+        "lr": cfg.warmup_min_lr,
+        "weight_decay": cfg.weight_decay,
+        "betas": [0.9, 0.999],
+        "torch_adam": True,  # torch.optim.Adam/AdamW: no DeepSpeed op to compile
+        "fused": True,  # one kernel for all parameters; reads found_inf (skip_step_unless)
+        "adam_w_mode": adamw,
+    }
+    return {"type": "AdamW" if adamw else "Adam", "params": params}
+
+
+def describe_optimizer(cfg: Config) -> str:
+    """One line for the log: which implementation trains, and why no op is compiled."""
+    from deepspeed.git_version_info import installed_ops
+
+    name = "AdamW" if cfg.optimizer.lower() == "adamw" else "Adam"
+    prebuilt = "prebuilt in this DeepSpeed" if installed_ops.get("fused_adam") else "not prebuilt in this DeepSpeed"
+    return (f"optimizer: torch.optim.{name}(fused=True) through DeepSpeed's torch_adam (nothing to compile; "
+            f"DeepSpeed's FusedAdam op is {prebuilt} and not used)")
 
 
 def deepspeed_config(cfg: Config) -> dict[str, Any]:
     """The DeepSpeed JSON config equivalent to ``cfg``."""
     prec = precision(cfg)
-    on_cpu = not cfg.device.startswith("cuda")
-    opt_type = "AdamW" if cfg.optimizer.lower() == "adamw" else "Adam"
-    opt_params: dict[str, Any] = {"lr": cfg.warmup_min_lr, "weight_decay": cfg.weight_decay, "betas": [0.9, 0.999]}
-    if on_cpu:
-        opt_params["torch_adam"] = True  # the fused kernels need CUDA
     total = max(cfg.max_iter, cfg.warmup_num_steps + 1)
+    zero: dict[str, Any] = {"stage": cfg.zero_stage}
+    extra: dict[str, Any] = {}
+    if prec == "bf16" and cfg.gradient_accumulation_steps > 1:
+        # fp32 accumulation: DeepSpeed's BF16 optimizer, which stage 0 does not offer
+        zero["stage"] = max(cfg.zero_stage, 1)
+        extra["data_types"] = {"grad_accum_dtype": "fp32"}
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "optimizer": {"type": opt_type, "params": opt_params},
+        "optimizer": optimizer_config(cfg),
         "scheduler": {
             "type": "WarmupDecayLR",
             "params": {
@@ -65,7 +127,8 @@ def deepspeed_config(cfg: Config) -> dict[str, Any]:
         "gradient_clipping": cfg.gradient_clipping,
         "fp16": {"enabled": prec == "fp16", "initial_scale_power": 16},
         "bf16": {"enabled": prec == "bf16"},
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
+        **extra,
         "steps_per_print": 10**12,  # we log ourselves
         "wall_clock_breakdown": False,
         **deepspeed_monitor_config(cfg),  # W&B when wandb=true (TensorBoard is written by utils/monitor.py)
@@ -77,16 +140,85 @@ def build_engine(cfg: Config, model: torch.nn.Module):
     import deepspeed
 
     prec = precision(cfg)
+    ds_config = deepspeed_config(cfg)
     if not cfg.device.startswith("cuda") and (cfg.use_fp16 or cfg.use_bf16):
         _logger.info("running on %s: mixed precision is turned off, training in fp32", cfg.device)
     else:
-        _logger.info("training precision: %s", prec)
+        why = {"bf16": "this GPU computes in bf16" if not cfg.use_bf16 and cfg.half_precision == "auto" else "asked for",
+               "fp16": "this GPU has no native bf16" if cfg.half_precision == "auto" else "asked for",
+               "fp32": "use_fp16=false"}[prec]
+        accum = ""
+        if cfg.gradient_accumulation_steps > 1:
+            accum = ("; gradients accumulate in fp32 (ZeRO stage 1, grad_accum_dtype=fp32)" if "data_types" in ds_config
+                     else f"; gradients accumulate in {prec}")
+        _logger.info("training precision: %s (%s)%s", prec, why, accum)
+    if cfg.device.startswith("cuda"):
+        allow_tf32(True)
+        if prec == "fp32":
+            _logger.info("fp32 training on CUDA: TF32 matmuls and convolutions are allowed")
+    _logger.info("%s", describe_optimizer(cfg))
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg),
+        config=ds_config,
     )
     return engine
+
+
+def allow_tf32(on: bool) -> None:
+    """TF32 for fp32 matmuls and cuDNN convolutions on CUDA (Ampere+): ~8x the fp32 tensor throughput at
+    10-bit mantissa products. Code whose exactness is the point (EnCodec encoding) turns it off locally."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+@contextlib.contextmanager
+def skip_step_unless(engine, finite: torch.Tensor) -> Iterator[None]:
+    """Around the ``engine.step()`` that applies the optimizer: a no-op on every parameter unless ``finite``
+    (a 0-d device bool, the same on every rank).
+
+    With torch's fused Adam/AdamW (what :func:`optimizer_config` asks for) the kernel reads
+    ``found_inf`` on the device, as PyTorch's AMP does: weights, moments and the step count stay as
+    they were, and the host never waits. Any other optimizer falls back to a host read and a zero
+    learning rate for that step (Adam's update and AdamW's decay scale with it), which syncs.
+    The schedule advances either way.
+    """
+    opt = getattr(engine, "basic_optimizer", None) or engine.optimizer
+    if isinstance(opt, torch.optim.Adam | torch.optim.AdamW) and all(g.get("fused") for g in opt.param_groups):
+        opt.found_inf = (~finite).to(torch.float32)
+        try:
+            yield
+        finally:
+            opt.found_inf = None
+        return
+    if bool(finite):
+        yield
+        return
+    saved = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    try:
+        yield
+    finally:
+        # the scheduler has set the next step's lr by now; where it did not step (an fp16 overflow
+        # skip), put the lr back so the next step is not frozen too
+        for g, lr in zip(opt.param_groups, saved):
+            if g["lr"] == 0.0:
+                g["lr"] = lr
+
+
+def loss_scale(engine) -> float:
+    """The fp16 loss scale the gradients are multiplied by right now (1.0 in bf16 and fp32)."""
+    if not engine.fp16_enabled():
+        return 1.0
+    opt = engine.optimizer
+    cfg = getattr(opt, "loss_scale_config", None)
+    scale = getattr(cfg, "cur_scale", None) if cfg is not None else None
+    if scale is None:
+        scale = getattr(opt, "cur_scale", None) or getattr(getattr(opt, "loss_scaler", None), "cur_scale", None)
+    return float(scale or 1.0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +354,7 @@ def _weights_only_load(path: str, map_location: Any = None) -> Any:
 
 
 def make_loads_safe(engine) -> None:
-    """Make ``engine`` read checkpoints with ``weights_only=True``.
+    """Make ``engine`` read checkpoints with ``weights_only=True``, from :func:`preload` when it has.
 
     DeepSpeed's torch checkpoint engine unpickles fully (``weights_only=False``), which runs any
     code a planted file carries. Every DeepSpeed load (model states, ZeRO shards, optimizer files)
@@ -234,16 +366,37 @@ def make_loads_safe(engine) -> None:
     if not isinstance(ce, TorchCheckpointEngine):
         raise RuntimeError(f"checkpoint engine {type(ce).__name__} is not supported: vall_e loads only through "
                            "the torch engine, made weights-only")
-    ce.load = _weights_only_load  # instance attribute: shadows the unsafe method for this engine only
+    cache: dict[str, Any] = {}
+    engine._vall_e_preloaded = cache
+
+    def load(path: str, map_location: Any = None) -> Any:
+        key = os.path.realpath(path)
+        if key in cache:
+            return cache.pop(key)  # read once by preload: DeepSpeed takes it from memory
+        return _weights_only_load(path, map_location)
+
+    ce.load = load  # instance attribute: shadows the unsafe method for this engine only
 
 
-def _gather(obj: Any) -> list[Any]:
-    """``obj`` from every rank (a one-element list without a process group)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        out: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
+def preload(engine, folder: Path) -> str | None:
+    """Read every ``*.pt`` file of checkpoint ``folder`` (weights-only) into the engine's load cache.
+
+    Returns why it cannot be used, or ``None``. This is the part of a load that fails on a damaged
+    or planted file, done before DeepSpeed's ``load_checkpoint`` so that every rank can agree on
+    the outcome first: DeepSpeed's load holds collectives, and a rank that failed inside it while
+    the others went on would leave them waiting there forever. Every rank reads every file, as
+    DeepSpeed's own load does (all ZeRO shards are read to re-partition), so nothing is read twice.
+    """
+    cache = engine._vall_e_preloaded
+    cache.clear()
+    try:
+        for f in sorted(Path(folder).glob("*.pt")):
+            cache[os.path.realpath(f)] = _weights_only_load(str(f), map_location="cpu")
+    except Exception as e:  # any failure here means this checkpoint is unusable on this rank
+        cache.clear()
+        first = (str(e).strip().splitlines() or [""])[0]
+        return f"{type(e).__name__}: {first[:400]}"
+    return None
 
 
 def leader_decides(fn: Callable[[], Any]) -> Any:
@@ -260,8 +413,7 @@ def leader_decides(fn: Callable[[], Any]) -> Any:
             box = [fn(), None]
         except CheckpointError as e:
             box = [None, str(e)]
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
+    box = distributed.broadcast_object(box, src=0)
     if box[1] is not None:
         raise CheckpointError(box[1])
     return box[0]
@@ -270,9 +422,11 @@ def leader_decides(fn: Callable[[], Any]) -> Any:
 def load_checkpoint(engine, ckpt_dir: Path, tags: list[str]) -> tuple[str, dict[str, Any]] | None:
     """Restore the first of ``tags`` that every rank can load; ``None`` when ``tags`` is empty.
 
-    A checkpoint that fails to load on any rank (damaged data, a pickled object a weights-only load
-    refuses) is skipped with a warning and the next older one is tried. A size mismatch is not a
-    damaged checkpoint but another architecture: it stops with a message instead.
+    Each rank first reads the checkpoint's files (:func:`preload`); the ranks then agree, and only
+    when all succeeded do they enter DeepSpeed's load together. A checkpoint that fails on any rank
+    (damaged data, a pickled object a weights-only load refuses, a file only some ranks can read) is
+    skipped by all of them with a warning, and the next older one is tried. A size mismatch is not
+    a damaged checkpoint but another architecture: it stops with a message instead.
     """
     from . import distributed
 
@@ -280,19 +434,23 @@ def load_checkpoint(engine, ckpt_dir: Path, tags: list[str]) -> tuple[str, dict[
         return None
     problems = []
     for tag in tags:
-        error = None
-        try:
-            path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
-            if path is None:
-                error = "DeepSpeed found no loadable files in it"
-        except Exception as e:  # any failure here means this checkpoint is unusable on this rank
-            first = (str(e).strip().splitlines() or [""])[0]
-            error = f"{type(e).__name__}: {first[:400]}"
-            if "size mismatch" in str(e):
-                error = "size mismatch: " + first[:400]
-        errors = [e for e in _gather(error) if e is not None]
+        errors = [e for e in distributed.all_gather_object(preload(engine, Path(ckpt_dir) / tag)) if e is not None]
         if not errors:
-            return tag, client
+            error = None
+            try:
+                path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+                if path is None:
+                    error = "DeepSpeed found no loadable files in it"
+            except Exception as e:  # the same files on every rank: they fail alike (e.g. another shape)
+                first = (str(e).strip().splitlines() or [""])[0]
+                error = f"{type(e).__name__}: {first[:400]}"
+                if "size mismatch" in str(e):
+                    error = "size mismatch: " + first[:400]
+            finally:
+                engine._vall_e_preloaded.clear()
+            errors = [e for e in distributed.all_gather_object(error) if e is not None]
+            if not errors:
+                return tag, client
         if any(e.startswith("size mismatch") for e in errors):
             raise CheckpointError(
                 f"{ckpt_dir / tag} holds a model of another shape than model={engine.module.hparams.get('preset')} "

@@ -6,13 +6,21 @@ Commands typed on the terminal while training runs (read by rank 0, broadcast to
 - ``eval``: evaluate now;
 - ``quit``: write a checkpoint, then exit with status 0.
 
-A non-finite loss (NaN/inf, any precision) is not trained on: that micro-batch contributes zero
-gradients, a step whose every micro-batch was non-finite leaves the weights unchanged, and the
-count is logged as ``nonfinite_losses``. After ``max_nonfinite_steps`` such steps in a row the run
-saves and stops with exit status 2. fp16 gradient overflow stays DeepSpeed's loss scaler's business.
+A non-finite loss (NaN/inf, any precision, on any rank) is not trained on: the optimizer step it
+belongs to is skipped on every rank, so the weights and the optimizer state do not move (the
+schedule advances). The decision stays on the device: the fused AdamW kernel reads a ``found_inf``
+flag, as under PyTorch's AMP, so no step waits for the host. Skipped micro-batches are logged as
+``nonfinite_losses``. After ``max_nonfinite_steps`` such steps in a row (seen at the next logged
+step) the run saves and stops with exit status 2. fp16 gradient overflow stays DeepSpeed's loss
+scaler's business.
 
-SIGTERM and SIGINT (cluster preemption, Ctrl-C) do what ``quit`` does: the current step finishes,
-every rank saves, and the process exits 0. A second signal ends the process at once.
+SIGTERM and SIGINT (cluster preemption, Ctrl-C) do what ``quit`` does: the step finishes, every rank
+saves, and the process exits 0. A second signal ends the process at once. With several ranks, commands
+and signals are shared at logged steps (every ``log_every`` steps): asking the other ranks costs a
+host sync, which a step must not pay. A single process acts at the next step.
+
+Host syncs: a training step reads nothing back from the device except at logged steps, where all
+the stats (loss, accuracies, counts, grad norm) come back in one transfer.
 
 Stats go to the log as one JSON object per line (``scripts/plot.py`` draws them), and to TensorBoard
 event files in the same folder (``tensorboard=true``, see :mod:`vall_e.utils.monitor`).
@@ -35,12 +43,11 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..config import Config
 from . import distributed, monitor
 from .diagnostic import check_replicas_in_sync
-from .engines import load_checkpoint, save_checkpoint
+from .engines import load_checkpoint, loss_scale, save_checkpoint, skip_step_unless
 from .helpers import release_free_memory, to_device
 
 _logger = logging.getLogger(__name__)
@@ -77,20 +84,19 @@ class StdinCommands:
             pass
 
     def poll(self) -> str:
-        """The next command on every rank ("" for none): rank 0's choice is broadcast."""
+        """The next command typed on rank 0, or "" (this rank only: :meth:`Trainer._control` shares it)."""
         try:
-            cmd = self._queue.get_nowait()
+            return self._queue.get_nowait()
         except queue.Empty:
-            cmd = ""
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            box = [cmd]
-            dist.broadcast_object_list(box, src=0)
-            cmd = box[0]
-        return cmd
+            return ""
 
 
 def rng_state() -> dict[str, Any]:
-    """Every RNG's state, in types ``torch.load(weights_only=True)`` accepts (no numpy arrays)."""
+    """Every RNG's state, in types ``torch.load(weights_only=True)`` accepts (no numpy arrays).
+
+    ``cuda`` holds one state per GPU this process sees (``torch.cuda.get_rng_state_all``); a resume
+    restores those that exist then (see :func:`set_rng_state`).
+    """
     name, keys, pos, has_gauss, cached = np.random.get_state()
     numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
@@ -106,12 +112,25 @@ def step_seed(seed: int, rank: int, step: int) -> int:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s output, on any machine.
+
+    A checkpoint saved with N visible GPUs resumes with any other number, or on a CPU: the CUDA
+    generators that exist on both sides get their saved state, the rest keep theirs (every training
+    step reseeds all generators from (seed, rank, step) anyway, so resumed batches do not depend on it).
+    """
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state.get("cuda") or [])
+    if not saved or not torch.cuda.is_available():
+        return
+    n = torch.cuda.device_count()
+    for i, cuda_state in enumerate(saved[:n]):
+        torch.cuda.set_rng_state(cuda_state, i)
+    if len(saved) != n:
+        _logger.info("the checkpoint holds %d CUDA generator states and this process sees %d GPU(s): restored %d",
+                     len(saved), n, min(len(saved), n))
 
 
 @dataclass
@@ -158,6 +177,9 @@ class Trainer:
         self.n_nonfinite = 0  # micro-batches whose loss was not finite (all ranks agree), this process
         self.nonfinite_run = 0  # optimizer steps in a row with a non-finite loss
         self._pid = os.getpid()  # forked loader workers inherit the handler; only this process acts on it
+        self._pending_command = ""  # typed on rank 0, not yet shared with the other ranks
+        # device-side counters, read back at logged steps only
+        self._nonfinite = torch.zeros(3, dtype=torch.int64, device=engine.device)  # micro-batches, run, longest run
 
     # checkpoints -----------------------------------------------------------------------------
 
@@ -166,11 +188,10 @@ class Trainer:
         from ..version import __version__
 
         per_rank = [self.state.consumed_batches]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.zeros(dist.get_world_size(), dtype=torch.int64)
-            t[dist.get_rank()] = self.state.consumed_batches
-            dist.all_reduce(t)
-            per_rank = t.tolist()
+        if distributed.active():
+            t = torch.zeros(distributed.world_size(), dtype=torch.int64)
+            t[distributed.global_rank()] = self.state.consumed_batches
+            per_rank = distributed.all_reduce(t).tolist()
         # One namespaced key: DeepSpeed mixes its own metadata into the client state it returns.
         return {
             CLIENT_KEY: {
@@ -244,14 +265,24 @@ class Trainer:
             return {}  # signal handlers can only be set from the main thread (e.g. an in-process test)
         return {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
 
-    def _signalled(self) -> str | None:
-        """The signal name if any rank received one (all ranks get the same answer)."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self.stop_signal
-        device = self.engine.device if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor([1 if self.stop_signal else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return (self.stop_signal or "a signal on another rank") if int(t.item()) else None
+    def _control(self, step: int, log: bool) -> tuple[str, str | None]:
+        """(command, signal name) after ``step``, the same on every rank.
+
+        Rank 0's stdin command and any rank's signal are combined in one small all-reduce, done at
+        logged steps only when there are several ranks: reading its result back is a host sync.
+        """
+        self._pending_command = self._pending_command or self.commands.poll()
+        if not distributed.active():
+            command, self._pending_command = self._pending_command, ""
+            return command, self.stop_signal
+        if not (log or step >= self.cfg.max_iter):
+            return "", None  # a command typed on rank 0 waits for the next logged step
+        command, self._pending_command = self._pending_command, ""
+        code = torch.tensor([COMMANDS.index(command) + 1 if command else 0, 1 if self.stop_signal else 0])
+        code = distributed.all_reduce(code, "max").tolist()
+        command = COMMANDS[code[0] - 1] if code[0] else ""
+        stop = (self.stop_signal or "a signal on another rank") if code[1] else None
+        return command, stop
 
     # loop --------------------------------------------------------------------------------------
 
@@ -268,12 +299,8 @@ class Trainer:
             if batch["text"]:
                 yield batch
 
-    def _check_bad_data(self) -> bool:
-        """True (on every rank alike) when more than ``max_bad_fraction`` of the drawn examples were unreadable."""
-        t = torch.tensor([self.n_bad, self.n_examples], dtype=torch.float64)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(t)
-        bad, seen = t.tolist()
+    def _too_much_bad_data(self, bad: float, seen: float) -> bool:
+        """True when more than ``max_bad_fraction`` of the examples drawn (all ranks) were unreadable."""
         if seen < 100 or bad <= self.cfg.max_bad_fraction * seen:
             return False
         files = "\n  ".join(sorted(self.bad_files)[:50])
@@ -288,16 +315,16 @@ class Trainer:
     def _step(self, batches: Iterator[dict[str, list[torch.Tensor]]], log: bool) -> dict[str, float] | None:
         """One optimizer step: ``gradient_accumulation_steps`` micro-batches through the engine.
 
-        Stats (and the gradient norm) are turned into numbers only when ``log`` is set: reading a
-        device tensor back every step would stall the GPU for nothing.
+        Nothing is read back from the device unless ``log`` is set; then every number comes back in
+        one transfer (:meth:`_read_stats`).
         """
         from ..data import model_kwargs, sequence_lengths
 
         engine, device = self.engine, self.engine.device
         totals: dict[str, torch.Tensor] = {}
         frames = 0
-        n_bad = 0
         n_micro = self.cfg.gradient_accumulation_steps
+        n_bad = torch.zeros((), dtype=torch.int64, device=device)  # this rank's non-finite micro-batches
         grad_norm = None
         for i in range(n_micro):
             batch = next(batches)
@@ -306,90 +333,71 @@ class Trainer:
             self.positions[1] += len(lens) * max(lens)
             text, proms, resps = (to_device(batch[k], device) for k in ("text", "proms", "resps"))
             out = engine(text, proms, resps, **model_kwargs(batch))
-            if self._all_finite(out.loss):
-                engine.backward(out.loss)
-                if log:
-                    for k, v in out.stats.items():
-                        totals[k] = totals.get(k, 0.0) + v.detach() / n_micro
-            else:
-                n_bad += 1
-                # Zero gradients instead of skipping the call: DeepSpeed's accumulation counters and
-                # the ranks' gradient collectives stay aligned, and nothing NaN reaches the optimizer.
-                engine.backward(self._zero_loss())
-            if log and i == n_micro - 1:
-                grad_norm = self._grad_norm()
-            if n_bad == n_micro:
-                self._frozen_step()  # every micro-batch was non-finite: the weights must not move
-            else:
-                engine.step()
+            ok = torch.isfinite(out.loss.detach())
+            n_bad += (~ok).long()
+            engine.backward(out.loss)  # a non-finite loss poisons the gradients: the step is then skipped
             frames += sum(int(r.shape[0]) for r in resps)
-        self.n_nonfinite += n_bad
-        self.nonfinite_run = self.nonfinite_run + 1 if n_bad else 0
+            if log:
+                for k, v in out.stats.items():  # summed over the finite micro-batches
+                    totals[k] = totals.get(k, 0.0) + torch.where(ok, v.detach().float(), 0.0)
+            if i < n_micro - 1:
+                engine.step()  # accumulates only
+                continue
+            finite = distributed.all_reduce((n_bad == 0).to(torch.int32), "min").bool()  # every rank alike
+            if log:
+                grad_norm = self._grad_norm()
+            with skip_step_unless(engine, finite):
+                engine.step()  # the optimizer step
+        nf = self._nonfinite
+        nf[0] += n_bad
+        nf[1] = (nf[1] + 1) * (~finite).long()  # skipped steps in a row
+        nf[2] = torch.maximum(nf[2], nf[1])
         if not log:
             return None
-        stats_loss = totals.get("loss")
-        if stats_loss is not None and n_bad:
-            for k in totals:  # averages over the finite micro-batches only
-                totals[k] = totals[k] * n_micro / (n_micro - n_bad)
-        if stats_loss is None:
-            totals["loss"] = torch.tensor(float("nan"))
-        stats = {k: float(v) for k, v in totals.items()}
-        stats["frames"] = float(frames)
-        stats["positions"], stats["padded_positions"] = map(float, self.positions)
-        stats["bad_examples"] = float(self.n_bad)
-        stats["nonfinite_losses"] = float(self.n_nonfinite)
-        self.positions = [0, 0]
+        n_ok = n_micro - n_bad
+        means = {k: torch.where(n_ok > 0, v / n_ok.clamp(min=1), float("nan")) for k, v in totals.items()}
+        means.setdefault("loss", torch.tensor(float("nan"), device=device))
         if grad_norm is not None:
-            stats["grad_norm"] = grad_norm
+            means["grad_norm"] = grad_norm
+        host = {"frames": float(frames), "positions": float(self.positions[0]),
+                "padded_positions": float(self.positions[1]), "bad_examples": float(self.n_bad),
+                "examples": float(self.n_examples)}
+        self.positions = [0, 0]
+        return self._read_stats(means, host)
+
+    def _read_stats(self, means: dict[str, torch.Tensor], host: dict[str, float]) -> dict[str, float]:
+        """All ranks' stats in one all-reduce and one device-to-host read.
+
+        ``means`` (device scalars) are averaged over ranks; ``host`` numbers and ``nonfinite_losses``
+        are summed. ``nonfinite_run`` (the longest run of skipped steps since the last read, equal on
+        all ranks) is taken as it is, and reset.
+        """
+        keys = sorted(means)
+        nf = self._nonfinite
+        summed = torch.tensor([host[k] for k in sorted(host)], dtype=torch.float64).to(nf.device, non_blocking=True)
+        vec = torch.cat([torch.stack([means[k].double() for k in keys]), summed, nf[[0, 2]].double()])
+        values = distributed.all_reduce(vec).tolist()  # the one host sync of a logged step
+        n = distributed.world_size() if distributed.active() else 1
+        stats = {k: v / n for k, v in zip(keys, values)}
+        stats.update(zip(sorted(host), values[len(keys): len(keys) + len(host)]))
+        stats["nonfinite_losses"] = values[-2]
+        self.nonfinite_run = round(values[-1] / n)
+        nf[2] = nf[1]  # the current run carries over into the next window
         return stats
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether the loss is finite on every rank (one small collective and a host read per micro-batch)."""
-        ok = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if dist.get_backend() != "nccl":
-                ok = ok.cpu()
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item())
+    def _grad_norm(self) -> torch.Tensor | None:
+        """The global L2 norm of the true gradients before clipping (a device scalar), when they are whole
+        on this rank (ZeRO < 2, gradients still on the module); ``None`` otherwise (DeepSpeed's own is used).
 
-    def _zero_loss(self) -> torch.Tensor:
-        """A loss whose gradient is exactly zero for every trainable parameter (no NaN anywhere)."""
-        params = [p for p in self.engine.module.parameters() if p.requires_grad]
-        return torch.stack([(p * 0).sum().float() for p in params]).sum()
-
-    def _frozen_step(self) -> None:
-        """``engine.step()`` with the learning rate at 0 for this one step: the schedule and DeepSpeed's
-        counters advance as usual, the weights do not move (Adam's update and AdamW's decay scale with lr)."""
-        groups = self.engine.optimizer.param_groups
-        saved = [g["lr"] for g in groups]
-        for g in groups:
-            g["lr"] = 0.0
-        try:
-            self.engine.step()
-        finally:
-            # The scheduler has set the next step's lr by now; where it did not step (an fp16 overflow
-            # skip), put the lr back so the next step is not frozen too.
-            for g, lr in zip(groups, saved):
-                if g["lr"] == 0.0:
-                    g["lr"] = lr
-
-    def _grad_norm(self) -> float | None:
-        """Pre-clipping gradient norm, when the gradients are whole on this rank (ZeRO < 2)."""
+        Under fp16 the gradients are still multiplied by the loss scale here: the norm is divided by it.
+        """
         if self.cfg.zero_stage >= 2:
             return None
-        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(grads))) if grads else None
-
-    def _reduce(self, stats: dict[str, float]) -> dict[str, float]:
-        """Average stats over ranks (frames are summed)."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1):
-            return stats
-        keys = sorted(stats)
-        t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        n = dist.get_world_size()
-        summed = {"frames", "positions", "padded_positions", "bad_examples"}  # nonfinite_losses: equal on all ranks
-        return {k: (float(v) if k in summed else float(v) / n) for k, v in zip(keys, t.tolist())}
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
+        return torch.linalg.vector_norm(torch.stack(norms)) / loss_scale(self.engine)
 
     def run(self) -> int:
         """Train to ``max_iter`` (or until ``quit`` or a signal); returns the process exit status."""
@@ -420,11 +428,11 @@ class Trainer:
             stats = self._step(batches, log)
             self.state.step = step
             if stats is not None:
-                stats = self._reduce(stats)
                 dt = time.time() - t0
                 if "grad_norm" not in stats and engine.get_global_grad_norm() is not None:
-                    stats["grad_norm"] = float(engine.get_global_grad_norm())
+                    stats["grad_norm"] = float(engine.get_global_grad_norm())  # DeepSpeed's: unscaled, before clipping
                 positions, padded = stats.pop("positions"), stats.pop("padded_positions")
+                bad, seen = stats["bad_examples"], stats.pop("examples")
                 log_stats(
                     {
                         "split": "train",
@@ -438,7 +446,7 @@ class Trainer:
                         "elapsed_s": time.time() - t_start,
                     }
                 )
-                if self._check_bad_data():
+                if self._too_much_bad_data(bad, seen):
                     return 2
             if cfg.max_nonfinite_steps and self.nonfinite_run >= cfg.max_nonfinite_steps:
                 self.save()
@@ -448,8 +456,7 @@ class Trainer:
                     "warmup_num_steps or lower gradient_clipping (or try use_bf16=true instead of fp16), then rerun "
                     "the command: it resumes from this checkpoint.", self.nonfinite_run, step)
                 return 2
-            command = self.commands.poll()
-            stop = self._signalled()
+            command, stop = self._control(step, log)
             if stop:
                 command = "quit"
             if step % cfg.save_ckpt_every == 0 or command in {"save", "quit"} or step == cfg.max_iter:
