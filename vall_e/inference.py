@@ -194,6 +194,10 @@ def load_model(path: str | Path, kind: Optional[str] = None, device: str = "cpu"
     except Exception as e:
         raise InferenceFileError(f"{path}: the weights do not fit the saved hparams ({e}); re-export it") from None
     model.to(device).eval().requires_grad_(False)
+    if str(device).startswith("cuda"):
+        from .utils.helpers import allow_tf32
+
+        allow_tf32(True)  # fp32 synthesis on a GPU: TF32 tensor cores (EnCodec encoding turns it off for itself)
     meta = {k: v for k, v in data.items() if k != "state_dict"}
     return model, meta
 

@@ -142,8 +142,9 @@ class Evaluator:
                 if len(hyp) == 0:  # the AR stopped at once: nothing to decode
                     continue
                 uid = utterance_id(path)
-                qnt.decode_to_file(ref.cpu(), out_dir / f"{uid}.ref.wav", device=self.cfg.device, codec_weights=self.cfg.codec_weights)
-                qnt.decode_to_file(hyp.cpu(), out_dir / f"{uid}.hyp.wav", device=self.cfg.device, codec_weights=self.cfg.codec_weights)
+                device = str(self.engine.device)  # this rank's GPU (cfg.device may name another)
+                qnt.decode_to_file(ref.cpu(), out_dir / f"{uid}.ref.wav", device=device, codec_weights=self.cfg.codec_weights)
+                qnt.decode_to_file(hyp.cpu(), out_dir / f"{uid}.hyp.wav", device=device, codec_weights=self.cfg.codec_weights)
                 if monitor.active() is not None:  # a few of them as TensorBoard audio too
                     monitor.active().eval_audio(split, uid, out_dir / f"{uid}.ref.wav", out_dir / f"{uid}.hyp.wav", step)
         except Exception as e:  # e.g. pretrained weights unavailable offline

@@ -79,7 +79,8 @@ def init_distributed(device: str) -> None:
 
     if dist.is_initialized():
         return
-    if "MASTER_ADDR" not in os.environ:
+    launched = "MASTER_ADDR" in os.environ
+    if not launched:
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("RANK", "0")
@@ -89,7 +90,14 @@ def init_distributed(device: str) -> None:
     if backend == "gloo":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # keep DeepSpeed off a GPU the user did not ask for
     if backend == "nccl":
-        torch.cuda.set_device(local_rank())
+        # a launcher gives each rank its GPU (LOCAL_RANK); a single process honours device=cuda:<N>
+        index = torch.device(device).index
+        if launched and index is not None and index != local_rank():
+            import logging
+
+            logging.getLogger(__name__).warning("device=%s is ignored under a launcher: rank %d uses cuda:%d (LOCAL_RANK)",
+                                                device, global_rank(), local_rank())
+        torch.cuda.set_device(local_rank() if launched or index is None else index)
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..config import Config
+from .helpers import allow_tf32
 from .monitor import deepspeed_monitor_config
 
 _logger = logging.getLogger(__name__)
@@ -163,15 +164,6 @@ def build_engine(cfg: Config, model: torch.nn.Module):
         config=ds_config,
     )
     return engine
-
-
-def allow_tf32(on: bool) -> None:
-    """TF32 for fp32 matmuls and cuDNN convolutions on CUDA (Ampere+): ~8x the fp32 tensor throughput at
-    10-bit mantissa products. Code whose exactness is the point (EnCodec encoding) turns it off locally."""
-    import torch
-
-    torch.backends.cuda.matmul.allow_tf32 = on
-    torch.backends.cudnn.allow_tf32 = on
 
 
 @contextlib.contextmanager
