@@ -461,6 +461,23 @@ def test_nonfinite_losses_are_skipped_and_counted(tmp_path, prepared_corpus):
     assert all(torch.isfinite(t).all() for t in w[5].values() if t.is_floating_point())
 
 
+def test_a_nonfinite_micro_batch_skips_its_whole_step(tmp_path, prepared_corpus):
+    """With accumulation, one NaN micro-batch poisons the summed gradients: that step leaves the weights alone."""
+    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=3, save_ckpt_every=1, eval_every=1000, log_every=1,
+                         max_num_val=0, gradient_accumulation_steps=2)
+    proc = _nan_run(cfg_path, "3")  # the first micro-batch of step 2
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train = stats(tmp_path / "logs")
+    assert [r["nonfinite_losses"] for r in train] == [0, 1, 1]
+    assert all(r["loss"] == r["loss"] for r in train), "the loss is averaged over the finite micro-batches"
+    ckpt = tmp_path / "ckpts" / "ar"
+    w = {s: torch.load(ckpt / f"global_step{s}" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+         for s in (1, 2, 3)}
+    assert all(torch.equal(w[1][k], w[2][k]) for k in w[1]), "the step with a NaN micro-batch moved the weights"
+    assert not all(torch.equal(w[2][k], w[3][k]) for k in w[2])
+    assert all(torch.isfinite(t).all() for t in w[3].values() if t.is_floating_point())
+
+
 def test_nonfinite_losses_in_a_row_save_and_stop(tmp_path, prepared_corpus):
     cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, max_iter=1000, save_ckpt_every=1000, eval_every=1000,
                          log_every=1, max_nonfinite_steps=3)
