@@ -7,8 +7,10 @@ import math
 import shutil
 import subprocess
 import sys
+import threading
 import urllib.error
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import soundfile as sf
@@ -232,3 +234,180 @@ def test_chunked_encoder_equals_one_pass(speech) -> None:
     small = qnt.encode_batch([x], chunk_seconds=1.0, **UNTRAINED)[0]
     assert chunked.shape == (1, 8, qnt.num_frames(len(x)))
     assert torch.equal(chunked, whole) and torch.equal(small, whole)
+
+
+# --------------------------------------------------------------------------------------------
+# exact encoder math: TF32 off and deterministic cuDNN while encoding, previous switches restored
+
+# every (backend, op) of torch's per-backend fp32 precision state, read below the public API
+_FP32_STATE = [("generic", "all")] + [(b, o) for b in ("mkldnn", "cuda") for o in ("all", "matmul", "conv", "rnn")]
+
+
+def math_state() -> dict[str, object]:
+    """torch's global precision and cuDNN switches, read through both APIs (legacy getters raise
+    once the two APIs were set to disagree: recorded as such)."""
+    cudnn = torch.backends.cudnn
+    state: dict[str, object] = {"deterministic": cudnn.deterministic, "benchmark": cudnn.benchmark}
+    state |= {f"{b}.{o}": torch._C._get_fp32_precision_getter(b, o) for b, o in _FP32_STATE}
+    for name, read in (("legacy_matmul", torch.get_float32_matmul_precision),
+                       ("legacy_cudnn_tf32", lambda: cudnn.allow_tf32)):
+        try:
+            state[name] = read()
+        except RuntimeError:
+            state[name] = "unreadable (mixed APIs)"
+    return state
+
+
+EXACT = {"deterministic": True, "benchmark": False, "cuda.matmul": "ieee", "cuda.conv": "ieee", "cuda.rnn": "ieee",
+         "mkldnn.matmul": "ieee", "legacy_matmul": "highest", "legacy_cudnn_tf32": False}
+
+
+def is_exact(state: dict[str, object]) -> bool:
+    return all(state[k] == v for k, v in EXACT.items())
+
+
+@pytest.fixture
+def torch_math():
+    """Puts torch's global switches back as they were, whatever a test set."""
+    before = math_state()
+    assert before["legacy_matmul"] != "unreadable (mixed APIs)", before
+    yield
+    cudnn = torch.backends.cudnn
+    torch.set_float32_matmul_precision(before["legacy_matmul"])
+    cudnn.allow_tf32 = before["legacy_cudnn_tf32"]
+    for b, o in _FP32_STATE:
+        torch._C._set_fp32_precision_setter(b, o, before[f"{b}.{o}"])
+    cudnn.deterministic, cudnn.benchmark = before["deterministic"], before["benchmark"]
+    assert math_state() == before
+
+
+def as_training_sets_them() -> None:
+    """TF32 on and cuDNN autotuning, as a training process may leave them (legacy API)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.deterministic = False
+
+
+def test_every_encode_entry_point_runs_exact_and_restores(torch_math, monkeypatch, tmp_path: Path) -> None:
+    """Batch job, one file, one signal, a batch, and the reference encoding at synthesis all run
+    the encoder with TF32 off and deterministic cuDNN, then give back the caller's switches."""
+    from vall_e.inference import Synthesizer
+
+    as_training_sets_them()
+    before = math_state()
+    assert not is_exact(before) and before["legacy_matmul"] == "high"
+    seen: list[dict[str, object]] = []
+    encode_padded = qnt._encode_padded
+
+    def spy(*args, **kwargs):
+        seen.append(math_state())
+        return encode_padded(*args, **kwargs)
+
+    monkeypatch.setattr(qnt, "_encode_padded", spy)
+    wav, sr = sf.read(str(REPO / "data" / "test" / "test2.wav"), dtype="float32")
+    clip = torch.from_numpy(wav[: sr // 2])
+    sf.write(str(tmp_path / "a.wav"), clip.numpy(), sr)
+    qnt.quantize_folder(tmp_path, progress=False, **UNTRAINED)
+    qnt.encode_from_file(tmp_path / "a.wav", **UNTRAINED)
+    qnt.encode(clip, sr, **UNTRAINED)
+    qnt.encode_batch([clip, clip[:1000]], **UNTRAINED)
+    synthesizer = SimpleNamespace(device="cpu", codec_weights="untrained", _ref_cache={})
+    Synthesizer.encode_reference(synthesizer, tmp_path / "a.wav", None)
+    assert len(seen) == 5 and all(is_exact(s) for s in seen), seen
+    assert math_state() == before
+
+
+def test_exact_math_restores_mixed_api_state_when_nested_concurrent_or_failing(torch_math) -> None:
+    """New-API switches only (their legacy getters then raise): restored exactly. Nested and
+    concurrent encodes restore once the last one leaves; so does an encode that raises."""
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.cudnn.benchmark = True
+    before = math_state()
+    assert before["legacy_matmul"] == "unreadable (mixed APIs)"
+    with qnt.exact_encoder_math():
+        assert is_exact(math_state())
+        with qnt.exact_encoder_math():
+            pass
+        assert is_exact(math_state())
+    assert math_state() == before
+
+    with pytest.raises(ZeroDivisionError):
+        with qnt.exact_encoder_math():
+            1 / 0
+    assert math_state() == before
+
+    entered, release = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        with qnt.exact_encoder_math():
+            entered.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    assert entered.wait(30)
+    with qnt.exact_encoder_math():
+        pass
+    assert is_exact(math_state())  # the other thread is still encoding
+    release.set()
+    thread.join(30)
+    assert math_state() == before and qnt._exact_depth == 0
+
+
+def test_default_encoder_dtype_is_float64_everywhere() -> None:
+    assert qnt._encoder_dtype("cpu") == qnt._encoder_dtype("cuda:1") == torch.float64
+    assert qnt._encoder_dtype("cuda", "float32") == torch.float32  # the user's override stays
+    assert qnt._weights_dtype("cuda", "bfloat16") == (torch.float32, True)
+    with pytest.raises(ValueError, match="bfloat16 is for CUDA"):
+        qnt._weights_dtype("cpu", "bfloat16")
+
+
+# --------------------------------------------------------------------------------------------
+# on a GPU (skipped without CUDA)
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def differing_frames(a: torch.Tensor, b: torch.Tensor) -> int:
+    return int((a != b).any(dim=1).sum())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_codes_equal_cpu_float64(torch_math) -> None:
+    """Default dtype on CUDA, with TF32 and autotuning left on by "training": the codes of
+    data/test equal a fresh CPU float64 encoding, and the caller's switches come back."""
+    as_training_sets_them()
+    before = math_state()
+    for name in ("test", "test2"):
+        path = REPO / "data" / "test" / f"{name}.wav"
+        cpu = qnt.encode_from_file(path, device="cpu", codec_weights="untrained")
+        cuda = qnt.encode_from_file(path, device="cuda", codec_weights="untrained")
+        assert cuda.shape == cpu.shape and torch.equal(cuda, cpu), f"{name}: {differing_frames(cuda, cpu)} frames differ"
+    assert math_state() == before
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_batched_codes_equal_single_codes(tmp_path: Path) -> None:
+    """On CUDA, zero-padded batches give each signal's one-file codes, and a corpus run with the
+    CUDA plan (batches sized from free memory, pinned memory, loader workers) writes CPU float64 codes."""
+    plan = qnt.encode_plan("cuda", free_bytes=qnt._free_device_bytes("cuda"))
+    assert plan.pin_memory and plan.batch_seconds >= qnt.CUDA_BATCH_SECONDS[0]
+    clips = []
+    for name in ("test", "test2"):
+        wav = qnt.to_codec_input(*qnt.load_audio(REPO / "data" / "test" / f"{name}.wav"))
+        clips += [wav[: len(wav) * k // 5 + 17 * k] for k in (2, 3, 4)] + [wav]
+    alone = [qnt.encode_batch([c], device="cuda", codec_weights="untrained")[0] for c in clips]
+    batched = qnt.encode_batch(clips, device="cuda", codec_weights="untrained")
+    for a, b in zip(alone, batched):
+        assert torch.equal(a, b), f"{differing_frames(a, b)} frames differ"
+    for i, clip in enumerate(clips):
+        sf.write(str(tmp_path / f"c{i}.wav"), clip.numpy(), 24_000, subtype="FLOAT")
+    summary = qnt.quantize_folder(tmp_path, device="cuda", codec_weights="untrained", progress=False)
+    assert summary.ok and summary.written == len(clips)
+    for i, clip in enumerate(clips):
+        written = torch.load(tmp_path / f"c{i}.qnt.pt", weights_only=True).long()
+        cpu = qnt.encode_batch([clip], device="cpu", codec_weights="untrained")[0]
+        assert torch.equal(written, cpu), f"c{i}: {differing_frames(written, cpu)} frames differ"

@@ -255,3 +255,63 @@ def test_streaming_workers_and_float32_batches(espeak_corpus: Path, tmp_path: Pa
         same += int((codes.long() == exact).sum())
         total += exact.numel()
     assert same / total > 0.99
+
+
+def test_encode_plan_sizes_cuda_batches_from_free_memory() -> None:
+    """The pure rule a corpus run follows; CUDA settings are picked from the device string alone."""
+    assert qnt.encode_plan("cpu") == qnt.EncodePlan(0.0, 0, False)  # CPU behaviour unchanged
+    assert qnt.encode_plan("cpu", batch_seconds=30, workers=1) == qnt.EncodePlan(30, 1, False)
+    h200 = qnt.encode_plan("cuda:3", free_bytes=137 * 10**9)  # float64: 60 MB per padded second
+    assert h200.pin_memory and h200.workers == 4 and h200.batch_seconds == pytest.approx(137e9 * 0.5 / 60e6)
+    assert qnt.encode_plan("cuda", free_bytes=80 * 10**9).batch_seconds == pytest.approx(80e9 * 0.5 / 60e6)
+    assert qnt.encode_plan("cuda", "float32", free_bytes=80 * 10**9).batch_seconds == 1200.0  # capped
+    assert qnt.encode_plan("cuda", free_bytes=10**9).batch_seconds == 30.0  # floor
+    assert qnt.encode_plan("cuda").batch_seconds == 120.0  # free memory unknown
+    assert qnt.encode_plan("cuda", free_bytes=10**11, batch_seconds=0, workers=0) == qnt.EncodePlan(0, 0, True)
+    assert qnt.encode_plan("cuda", "bfloat16", free_bytes=24 * 10**9).batch_seconds == pytest.approx(400.0)
+    assert qnt._free_device_bytes("cpu") is None
+
+
+@pytest.mark.filterwarnings("ignore:.pin_memory. argument:UserWarning")  # no accelerator here
+def test_corpus_run_feeds_the_loader_from_the_plan(espeak_corpus: Path, tmp_path: Path, monkeypatch) -> None:
+    """encode_items takes batch size, workers and pinning from encode_plan (here a CUDA-like plan
+    on CPU: pinning is then a no-op) and writes the one-file codes."""
+    corpus = tmp_path / "c"
+    shutil.copytree(sorted(p for p in espeak_corpus.iterdir() if p.is_dir())[0], corpus)
+    asked: list[tuple] = []
+
+    def cuda_like(*args, **kwargs) -> qnt.EncodePlan:
+        asked.append(args)
+        return qnt.EncodePlan(60.0, 0, True)
+
+    loaders: list[dict] = []
+    real_loader = torch.utils.data.DataLoader
+
+    class Recording(real_loader):
+        def __init__(self, *args, **kwargs):
+            loaders.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(qnt, "encode_plan", cuda_like)
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Recording)
+    wavs = find_files(corpus, ".wav")
+    summary = qnt.quantize_folder(corpus, progress=False, **UNTRAINED)
+    assert summary.ok and summary.written == len(wavs) > 1
+    assert asked == [("cpu", None, None, None, None)]
+    assert loaders[0]["pin_memory"] is True and loaders[0]["num_workers"] == 0
+    assert len(loaders[0]["batch_sampler"]) == 1  # every file in one 60 s batch
+    for wav in wavs:
+        codes = torch.load(wav.with_name(wav.name.split(".")[0] + ".qnt.pt"), weights_only=True)
+        assert torch.equal(codes.long(), qnt.encode_from_file(wav, **UNTRAINED))
+
+
+def test_bench_compare_cpu_reports_agreement(tmp_path: Path) -> None:
+    """The GPU check's command, on CPU: float64 batched and one-file runs agree with the CPU
+    reference on every frame."""
+    proc = run("scripts/bench_qnt.py", "--device", "cpu", "--compare-cpu", "--seconds", "6", "--skip-memory",
+               "--batch-seconds", "0", "30", "--workdir", str(tmp_path))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dtype"] == "float64" and result["agreement"] == 1.0 and result["audio_s_per_s"] > 0
+    assert [r["batch_seconds"] for r in result["runs"]] == [0.0, 30.0]
+    assert all(r["agreement"] == 1.0 for r in result["runs"]) and result["cpu_reference_s"] > 0

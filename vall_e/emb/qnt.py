@@ -22,7 +22,25 @@ rendezvous (MASTER_ADDR/PORT), else each rank reports its shard.
 
 Memory: the encoder's conv stack runs over 5 s chunks (:func:`_encode_padded`), and no
 file or segment longer than ``--max-seconds`` (120 s) is loaded; longer recordings need a
-segment manifest.
+segment manifest. On CUDA a forward pass takes as much padded audio as half the free GPU memory
+allows (:func:`encode_plan`), and the loader pins its buffers so host-to-device copies overlap.
+
+Reproducibility: the encoder runs in float64 by default on every device, inside
+:func:`exact_encoder_math` (no TF32 in cuBLAS/cuDNN/oneDNN, deterministic cuDNN, no autotuning).
+
+- CPU, float64: codes depend on the audio alone. Measured (tests): batched (zero-padded, any
+  companions) equals one file per pass, chunked equals one whole pass, two ranks write the bytes
+  one process writes, and data/test's codes come back in a fresh process.
+- CUDA, float64: expected to equal CPU float64 codes and to be batch-invariant, but NOT measured
+  yet (no GPU was available; the ``gpu``-marked tests in tests/test_qnt.py check both). The GPU
+  sums in another order, so activations differ from the CPU's in the last bits (about 1e-16
+  relative); a code flips only where two codewords are that close to tied.
+- float32 (either device) and bfloat16 (CUDA), chosen with ``dtype=``: not reproducible bit for
+  bit. Kernels picked per shape, device or library round differently, near-tied codebook choices
+  flip, and one flip at level 1 changes all 8 codes of its frame. Measured on CPU: float32 and
+  float64 codes differ in 1 frame of 9135 (122 s of espeak-ng speech, untrained codec).
+- Bit-identical activations are never promised across machines, BLAS builds or CUDA versions;
+  the claims above are about codes.
 
 Audio policy: any format soundfile reads (wav, flac ...), any sample rate (resampled to 24 kHz
 with ``torchaudio.functional.resample``), mono or multi-channel (channels are AVERAGED to mono:
@@ -45,6 +63,7 @@ the 24 kHz model is mono, and averaging keeps both sides of a stereo recording).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -55,7 +74,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..utils.distributed import gather_to_rank0, init_gloo_for_summary
 from ..utils.helpers import (
@@ -362,13 +381,128 @@ CHUNK_CONTEXT_FRAMES = 8
 CHUNK_SECONDS = 5.0  # float64 activations cost about 60 MB per second of audio per batch row
 
 
+# The fp32 precision switches of torch's per-backend API (torch >= 2.9) that the encoder's
+# kernels read: cuBLAS matmul (the codebook search), cuDNN conv and RNN (the SEANet stack and its
+# LSTM), and their oneDNN counterparts on CPU.
+_FP32_KNOBS = ("cuda.matmul", "cudnn.conv", "cudnn.rnn", "mkldnn.matmul", "mkldnn.conv", "mkldnn.rnn")
+_exact_lock = threading.Lock()
+_exact_depth = 0  # encodes inside exact_encoder_math now, over all threads
+_exact_saved: dict[str, Any] | None = None  # the flags to restore when the last one leaves
+
+
+def _knob(name: str) -> Any:
+    import torch
+
+    obj: Any = torch.backends
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _math_flags() -> dict[str, Any]:
+    """The switches :func:`exact_encoder_math` sets, as they are now (enough to restore them exactly).
+
+    torch keeps the legacy switches (``set_float32_matmul_precision``, ``cudnn.allow_tf32``) as
+    state apart from the per-backend ``fp32_precision`` knobs, and their getters raise once a
+    program has set the two APIs to disagree. A legacy switch that cannot be read is left out,
+    so it is neither changed nor restored.
+    """
+    import torch
+
+    cudnn = torch.backends.cudnn
+    flags: dict[str, Any] = {"cudnn.deterministic": cudnn.deterministic, "cudnn.benchmark": cudnn.benchmark}
+    for name in _FP32_KNOBS:
+        try:
+            flags[name] = _knob(name).fp32_precision
+        except AttributeError:  # a torch without the per-backend API
+            pass
+    for name, read in (("matmul_precision", torch.get_float32_matmul_precision),
+                       ("cudnn.allow_tf32", lambda: cudnn.allow_tf32)):
+        try:
+            flags[name] = read()
+        except RuntimeError:
+            pass
+    return flags
+
+
+def _set_math_flags(flags: dict[str, Any]) -> None:
+    """Set what :func:`_math_flags` returned (or a part of it)."""
+    import torch
+
+    cudnn = torch.backends.cudnn
+    # legacy switches first: their setters also write per-backend knobs, which are set after
+    if "matmul_precision" in flags:
+        torch.set_float32_matmul_precision(flags["matmul_precision"])
+    if "cudnn.allow_tf32" in flags:
+        cudnn.allow_tf32 = flags["cudnn.allow_tf32"]
+    for name in _FP32_KNOBS:
+        if name in flags:
+            _knob(name).fp32_precision = flags[name]
+    cudnn.deterministic = flags["cudnn.deterministic"]
+    cudnn.benchmark = flags["cudnn.benchmark"]
+
+
+def _exact_flags(current: dict[str, Any]) -> dict[str, Any]:
+    """IEEE float32 everywhere, deterministic cuDNN without autotuning, for the switches in ``current``."""
+    exact = {"cudnn.deterministic": True, "cudnn.benchmark": False, "matmul_precision": "highest",
+             "cudnn.allow_tf32": False, **{name: "ieee" for name in _FP32_KNOBS}}
+    return {name: exact[name] for name in current}
+
+
+@contextlib.contextmanager
+def exact_encoder_math() -> Iterator[None]:
+    """Within it, torch computes as exactly as it can; the previous settings come back after.
+
+    TF32 (and oneDNN's reduced float32 modes) off for matmul, convolution and RNN, cuDNN
+    deterministic and not autotuning (``benchmark`` would pick kernels by timing, so the kernel,
+    and its rounding, could change between runs). TF32 only touches float32 math: with the
+    float64 default it keeps a ``dtype=float32`` run as close to float64 as float32 gets, and
+    turns off what a training process may have turned on (synthesis can run inside one).
+
+    The switches are process-wide, not per thread: while any thread encodes, other threads run
+    without TF32 too (slower, never wrong). Nested and concurrent use are counted, so the
+    switches are restored when the last encode leaves, to what they were when the first came.
+    A switch changed by other code during an encode is overwritten then.
+    """
+    global _exact_depth, _exact_saved
+    with _exact_lock:
+        if _exact_depth == 0:
+            saved = _math_flags()
+            try:
+                _set_math_flags(_exact_flags(saved))
+            except Exception:
+                _set_math_flags(saved)
+                raise
+            _exact_saved = saved
+        _exact_depth += 1
+    try:
+        yield
+    finally:
+        with _exact_lock:
+            _exact_depth -= 1
+            if _exact_depth == 0 and _exact_saved is not None:
+                saved, _exact_saved = _exact_saved, None
+                _set_math_flags(saved)
+
+
 def _encoder_dtype(device: str, dtype: Any = None) -> "torch.dtype":
-    """float64 on CPU (codes depend on the audio alone), float32 on CUDA unless asked otherwise."""
+    """The encoder's precision: ``dtype`` when given (a ``torch.dtype`` or its name), else float64.
+
+    float64 on every device, CUDA included, because the codes are training targets and speech
+    prompts: a corpus encoded on 64 GPUs in batches of any composition, its one-file re-encode on
+    a CPU and the reference encoding at synthesis should all give the same codes, and only float64
+    keeps rounding (about 1e-16) far below the gaps between codewords (float32 flips about one
+    frame in ten thousand on CPU, and which ones can depend on the kernels a batch shape picks). The cost:
+    the encoder needs about 2.4 GFLOP per audio second, which FP64 units on data-centre GPUs
+    (A100/H100/H200: 10-67 TFLOPS) carry easily, and encoding is one pass over a corpus.
+    Consumer GPUs run FP64 at 1/32-1/64 of their float32 rate; there ``dtype=float32`` (or
+    ``bfloat16``) buys speed at the cost above.
+    """
     import torch
 
     if dtype is not None:
         return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return torch.float64 if str(device).startswith("cpu") else torch.float32
+    return torch.float64
 
 
 def _encode_padded(
@@ -382,8 +516,6 @@ def _encode_padded(
     signal ends and gets the same end padding as a whole pass. ``bf16``: the encoder runs under
     CUDA bfloat16 autocast; the nearest-codebook search stays in float32 (bf16 distances would tie).
     """
-    import contextlib
-
     import torch
 
     layers = model.encoder.model
@@ -421,12 +553,14 @@ def encode_batch(
 
     Returns one int64 CPU tensor ``(1, 8, ceil(n_i / 320))`` per input. Signals are zero-padded
     at the end to whole frames and a common length; the 24 kHz model is causal, so each signal's
-    own frames are the same as when it is encoded alone (the last frame included: see below). ``dtype`` defaults to float64 on CPU and float32 on CUDA
-    (``"bfloat16"`` is accepted too). In float64 the codes depend on the audio alone: in float32,
-    kernels chosen per batch size (or device) differ in the last bits and flip near-tied
-    nearest-codebook choices, so codes would depend on batch composition (float64 costs about
-    2.5x encoder time on CPU; on GPU float32/bf16 buys the speed). Memory is bounded by
+    own frames are the same as when it is encoded alone (the last frame included: see below).
+    ``dtype``: the encoder's precision, float64 by default on every device (why, and what
+    float32 or ``"bfloat16"`` cost in reproducibility: :func:`_encoder_dtype` and the module's
+    Reproducibility notes). The pass runs inside :func:`exact_encoder_math`. Memory is bounded by
     ``chunk_seconds`` of audio per row (see :func:`_encode_padded`).
+
+    Every encode goes through here: corpus runs, :func:`encode`, :func:`encode_from_file` and
+    the reference encoding at synthesis.
     """
     import torch
 
@@ -435,43 +569,54 @@ def encode_batch(
     lengths = [int(w.shape[-1]) for w in wavs]
     if min(lengths) == 0:
         raise AudioError("cannot encode an empty signal")
-    dtype = _encoder_dtype(device, dtype)
-    bf16 = dtype == torch.bfloat16
-    if bf16 and not str(device).startswith("cuda"):
-        raise ValueError("dtype=bfloat16 is for CUDA; on CPU use float64 (default) or float32")
-    if bf16:
-        dtype = torch.float32  # float32 weights under bf16 autocast: see _encode_padded
+    dtype, bf16 = _weights_dtype(device, dtype)
     model = load_codec(codec_weights, device, dtype=dtype)
+    dev = next(model.parameters()).device
     # Zero-padded to whole frames, alone or in a batch. Otherwise a signal's last partial frame
     # would see EnCodec's reflect end-padding when encoded alone but the zeros of a longer
     # neighbour when batched (measured: the last frame's codes differed). With whole frames the
     # causal model never pads on the right, so each row's codes are the same in any batch.
-    batch = torch.zeros(len(wavs), 1, num_frames(max(lengths)) * HOP_LENGTH, dtype=dtype)
+    # The batch is built on the encoder's device: from pinned memory (the corpus loader pins on
+    # CUDA) the row copies are asynchronous, and float32 -> float64 is exact on any device.
+    batch = torch.zeros(len(wavs), 1, num_frames(max(lengths)) * HOP_LENGTH, dtype=dtype, device=dev)
     for i, w in enumerate(wavs):
-        batch[i, 0, : lengths[i]] = w
+        batch[i, 0, : lengths[i]] = w.to(dev, non_blocking=True)
     chunk_frames = max(1, int(chunk_seconds * FRAME_RATE))
-    with torch.inference_mode():
-        codes = _encode_padded(model, batch.to(next(model.parameters()).device), chunk_frames, bf16)
+    with torch.inference_mode(), exact_encoder_math():
+        codes = _encode_padded(model, batch, chunk_frames, bf16)
     codes = codes.cpu().long()  # (b, 8, T)
     return [codes[i : i + 1, :, : num_frames(n)].clone() for i, n in enumerate(lengths)]
 
 
+def _weights_dtype(device: str, dtype: Any = None) -> tuple["torch.dtype", bool]:
+    """The codec copy's dtype for encoding with ``dtype`` on ``device``, and whether bf16 autocast is on."""
+    import torch
+
+    dtype = _encoder_dtype(device, dtype)
+    if dtype != torch.bfloat16:
+        return dtype, False
+    if not str(device).startswith("cuda"):
+        raise ValueError("dtype=bfloat16 is for CUDA; on CPU use float64 (default) or float32")
+    return torch.float32, True  # float32 weights under bf16 autocast: see _encode_padded
+
+
 def encode(
-    wav: "torch.Tensor", sr: int, device: str = "cpu", codec_weights: str = "pretrained"
+    wav: "torch.Tensor", sr: int, device: str = "cpu", codec_weights: str = "pretrained", dtype: Any = None
 ) -> "torch.Tensor":
     """Codes of one signal: ``wav`` ``(n,)`` or ``(channels, n)`` at ``sr`` -> int64 ``(1, 8, T)`` on CPU.
 
-    ``T = ceil(n24 / 320)`` where ``n24`` is the length after resampling to 24 kHz.
+    ``T = ceil(n24 / 320)`` where ``n24`` is the length after resampling to 24 kHz. ``dtype``: as
+    in :func:`encode_batch`.
     """
-    return encode_batch([to_codec_input(wav, sr)], device, codec_weights)[0]
+    return encode_batch([to_codec_input(wav, sr)], device, codec_weights, dtype)[0]
 
 
 def encode_from_file(
-    path: str | Path, device: str = "cpu", codec_weights: str = "pretrained"
+    path: str | Path, device: str = "cpu", codec_weights: str = "pretrained", dtype: Any = None
 ) -> "torch.Tensor":
     """Codes of an audio file: int64 ``(1, 8, T)`` on CPU; :class:`AudioError` names a bad file."""
     wav, sr = load_audio(path)
-    return encode(wav, sr, device, codec_weights)
+    return encode(wav, sr, device, codec_weights, dtype)
 
 
 def _as_codes(codes: Any) -> "torch.Tensor":
@@ -827,6 +972,72 @@ def shard(items: list[Item], rank: int, world_size: int) -> list[Item]:
     return [items[i] for i in balanced_shards([it.seconds for it in items], world_size)[rank]]
 
 
+# Sizing CUDA batches. Peak activation memory of a forward pass is about rows x min(longest
+# row, CHUNK_SECONDS) x these bytes (measured on CPU in float64: 45 MB per row-second; the rest is
+# headroom for cuDNN workspaces and the codebook search's (frames, 1024) distances, about 2 MB
+# per audio second), which padded seconds (rows x longest row) bound from above.
+ACTIVATION_BYTES_PER_SECOND = {8: 60e6, 4: 30e6, 2: 30e6}  # by element size; bf16 keeps float32 weights
+CUDA_MEMORY_FRACTION = 0.5  # of the memory free once the codec is loaded: the rest is allocator slack
+CUDA_BATCH_SECONDS = (30.0, 1200.0)  # bounds; the top one caps the loader's pinned prefetch
+CUDA_BATCH_SECONDS_UNKNOWN = 120.0  # when free memory cannot be read
+CUDA_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class EncodePlan:
+    """How a corpus run feeds the encoder: padded audio per forward pass, loader workers, pinning."""
+
+    batch_seconds: float  # 0: one file per pass
+    workers: int  # DataLoader worker processes reading and resampling audio
+    pin_memory: bool  # page-locked loader buffers, for asynchronous host-to-device copies
+
+
+def encode_plan(
+    device: str,
+    dtype: Any = None,
+    free_bytes: int | None = None,
+    batch_seconds: float | None = None,
+    workers: int | None = None,
+) -> EncodePlan:
+    """The :class:`EncodePlan` for ``device``; ``batch_seconds``/``workers`` given are kept.
+
+    CPU: one file per pass (batching measured no faster), no workers (the encoder uses the
+    cores), no pinning. CUDA: ``free_bytes`` (GPU memory free with the codec loaded) x
+    :data:`CUDA_MEMORY_FRACTION` / :data:`ACTIVATION_BYTES_PER_SECOND` of the encoder's dtype,
+    clamped to :data:`CUDA_BATCH_SECONDS` (about 1140 s of padded audio per pass on a 141 GB
+    H200 in float64, 650 s on an 80 GB card, 190 s on 24 GB; 120 s when ``free_bytes`` is None),
+    4 workers, pinned memory. A pass that still runs out of memory falls back to one file at a time.
+    """
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return EncodePlan(0.0 if batch_seconds is None else batch_seconds, workers or 0, False)
+    if batch_seconds is None:
+        if free_bytes is None:
+            batch_seconds = CUDA_BATCH_SECONDS_UNKNOWN
+        else:
+            weights, _ = _weights_dtype(device, dtype)
+            per_second = ACTIVATION_BYTES_PER_SECOND[torch.empty((), dtype=weights).element_size()]
+            lo, hi = CUDA_BATCH_SECONDS
+            batch_seconds = float(min(hi, max(lo, free_bytes * CUDA_MEMORY_FRACTION / per_second)))
+    return EncodePlan(batch_seconds, CUDA_WORKERS if workers is None else workers, True)
+
+
+def _free_device_bytes(device: str) -> int | None:
+    """Memory a CUDA ``device`` can still give this process, in bytes; None for other devices.
+
+    The driver's free memory plus what torch's caching allocator holds unused (a process that
+    encoded or trained before keeps its freed blocks reserved).
+    """
+    import torch
+
+    if not str(device).startswith("cuda"):
+        return None
+    dev = torch.device(device)
+    free, _total = torch.cuda.mem_get_info(dev)
+    return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+
+
 def encode_items(
     items: list[Item],
     device: str = "cpu",
@@ -840,18 +1051,13 @@ def encode_items(
 
     Unreadable audio is failed and the rest go on. A write error (disk full, read-only folder,
     permission) stops the run with :attr:`Summary.stopped` set; finished outputs stay intact.
-    ``batch_seconds`` caps padded audio per forward pass (default: 0 = one file per pass on CPU,
-    where batching measured no faster; 120 s on CUDA). ``workers``: DataLoader worker processes
-    that read and resample audio (default 0 on CPU, where the encoder uses the cores, 4 on CUDA).
+    ``batch_seconds`` caps padded audio per forward pass and ``workers`` sets the DataLoader
+    worker processes that read and resample audio; the defaults come from :func:`encode_plan`
+    (CPU: one file per pass, no workers; CUDA: sized from free GPU memory, 4 workers, pinned memory).
     """
     import torch
     from tqdm import tqdm
 
-    cuda = str(device).startswith("cuda")
-    if batch_seconds is None:
-        batch_seconds = 120.0 if cuda else 0.0
-    if workers is None:
-        workers = 4 if cuda else 0
     summary = Summary()
     todo: list[Item] = []
     for item in items:
@@ -862,14 +1068,20 @@ def encode_items(
             todo.append(item)
     if not todo:
         return summary
-    load_codec(codec_weights, device)  # fail early (e.g. offline pretrained), before the bar
-    batches = [[i for i, _ in b] for b in _batches([(i, it.seconds) for i, it in enumerate(todo)], batch_seconds)]
+    # the encoder's copy of the codec: fails early (e.g. offline pretrained), before the bar, and
+    # is on the GPU when its free memory is measured
+    load_codec(codec_weights, device, dtype=_weights_dtype(device, dtype)[0])
+    plan = encode_plan(device, dtype, _free_device_bytes(device), batch_seconds, workers)
+    logger.info("qnt on %s: %s, up to %.0f s of padded audio per pass, %d loader workers%s", device,
+                str(_encoder_dtype(device, dtype)).removeprefix("torch."), plan.batch_seconds, plan.workers,
+                ", pinned memory" if plan.pin_memory else "")
+    batches = [[i for i, _ in b] for b in _batches([(i, it.seconds) for i, it in enumerate(todo)], plan.batch_seconds)]
     loader = torch.utils.data.DataLoader(
-        _AudioSet(todo), batch_sampler=batches, collate_fn=_identity, num_workers=workers,
-        worker_init_fn=_worker_init if workers else None,
+        _AudioSet(todo), batch_sampler=batches, collate_fn=_identity, num_workers=plan.workers,
+        worker_init_fn=_worker_init if plan.workers else None,
         # spawned, not forked: this process may run gloo threads, and a fork of those can hang
-        multiprocessing_context="spawn" if workers else None,
-        pin_memory=False,
+        multiprocessing_context="spawn" if plan.workers else None,
+        pin_memory=plan.pin_memory,
     )
     bar = tqdm(total=len(todo), desc="qnt", unit="file", disable=not progress, dynamic_ncols=True)
     try:
@@ -1003,13 +1215,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="audio suffix, any case; repeatable (default: .wav and .flac)")
     parser.add_argument(
         "--batch-seconds", type=float, default=None,
-        help="padded audio seconds per forward pass (default: one file per pass on CPU, 120 on CUDA)",
+        help="padded audio seconds per forward pass (default: one file per pass on CPU; on CUDA "
+        "sized from free GPU memory, 30..1200)",
     )
     parser.add_argument("--max-seconds", type=float, default=MAX_WHOLE_SECONDS,
                         help=f"longest file or segment loaded whole (default {MAX_WHOLE_SECONDS:.0f}); "
                         "longer recordings need a segment manifest")
     parser.add_argument("--dtype", choices=["float64", "float32", "bfloat16"], default=None,
-                        help="encoder precision (default: float64 on CPU, float32 on CUDA)")
+                        help="encoder precision (default float64 on every device: codes independent of batching "
+                        "and device; float32/bfloat16 are faster on consumer GPUs but not reproducible)")
     parser.add_argument("--workers", type=int, default=None,
                         help="audio loading worker processes (default 0 on CPU, 4 on CUDA)")
     parser.add_argument("--summary-json", type=Path, default=None, help="also write the merged summary as JSON")
