@@ -265,6 +265,11 @@ def _train(cfg: Config) -> int:
     from .utils.engines import build_engine, leader_decides, make_loads_safe, remove_partial_saves, resume_candidates
 
     leader = distributed.is_global_leader()
+    if not cfg.data_dirs:
+        where = f" in {cfg.yaml_path}" if cfg.yaml_path else ""
+        _logger.error("data_dirs is empty%s: there is nothing to train on. List the corpus folders in the yaml "
+                      "(data_dirs: [data/LibriTTS]) or on the command line (data_dirs=[data/a,data/b])", where)
+        return 2
     seed_everything(cfg.seed)
     tags = leader_decides(lambda: remove_partial_saves(cfg.ckpt_dir) or resume_candidates(cfg.ckpt_dir))
     model = _build_model(cfg)

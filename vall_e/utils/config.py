@@ -138,7 +138,7 @@ class BaseConfig:
             for key in loaded or {}:
                 if key not in cls.field_names():
                     raise ConfigError(_unknown_key_message(cls, str(key), f"in {str(path)!r}"))
-            layers.append(loaded)
+            layers.append(cls._lists_from_scalars(loaded, f"in {str(path)!r}"))
         if overrides:
             # A string field takes its value verbatim: YAML would turn "lambda p: p.parts[-2]" into a mapping.
             text_fields = cls._text_fields()
@@ -152,7 +152,7 @@ class BaseConfig:
                 else:
                     dotlist.append(word)
             try:
-                layers.append(OmegaConf.from_dotlist(dotlist))
+                layers.append(cls._lists_from_scalars(OmegaConf.from_dotlist(dotlist), "on the command line"))
             except OmegaConfBaseException as e:
                 raise ConfigError(f"cannot parse overrides {dotlist}: {e}") from None
             layers.append(OmegaConf.create(verbatim))
@@ -166,6 +166,25 @@ class BaseConfig:
             obj.yaml_path = str(yaml_path)  # type: ignore[attr-defined]
         obj.validate()
         return obj
+
+    @classmethod
+    def _lists_from_scalars(cls, layer: Any, where: str) -> Any:
+        """``data_dirs: /path`` means ``data_dirs: [/path]``: a single string for a list field becomes a
+        one-item list; any other non-list value (a number, a mapping) is refused with a plain message."""
+        if layer is None:
+            return layer
+        hints = typing.get_type_hints(cls)
+        for key in list(layer.keys()):
+            hint = hints.get(str(key))
+            if typing.get_origin(hint) is not list:
+                continue
+            value = layer[key]
+            if isinstance(value, str):
+                layer[key] = [value]
+            elif value is not None and not OmegaConf.is_list(value):
+                raise ConfigError(f"config field {key!r} {where} must be a list such as [a, b] (or one string); "
+                                  f"got {value!r}")
+        return layer
 
     @classmethod
     def _text_fields(cls) -> dict[str, bool]:

@@ -492,10 +492,27 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, A
         if partial.exists():
             shutil.rmtree(partial)  # left by a save that was killed
     distributed.barrier()
-    engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
-    distributed.barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name, client_state=client_state, save_latest=False)
+        if distributed.is_global_leader():
+            atomic_write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True), partial / META_FILE)
+    except Exception as e:
+        error = _write_failure(e)
+        if error is None:
+            raise  # not a storage problem: a bug, with its traceback
+    errors = [e for e in distributed.all_gather_object(error) if e is not None]  # also the barrier
+    if errors:
+        if distributed.is_global_leader():
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_tag(ckpt_dir)
+        kept = f"the previous checkpoint ({ckpt_dir / previous}) is intact" if previous else "no checkpoint was written"
+        raise CheckpointError(
+            f"cannot write checkpoint {tag} into {ckpt_dir}: {errors[0]}; {kept}. Free some space there (or lower "
+            "keep_last_ckpts=, or set ckpt_root= to a larger or writable disk), then rerun the command: it resumes "
+            "from the newest checkpoint."
+        )
     if distributed.is_global_leader():
-        atomic_write_text(json.dumps({**meta, "step": step}, indent=1, sort_keys=True), partial / META_FILE)
         _fsync_dir(partial)
         final = ckpt_dir / tag
         if final.exists():
@@ -510,6 +527,25 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, client_state: dict[str, A
             for old in older[max(keep_last - 1, 0):]:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     distributed.barrier()
+
+
+def _write_failure(e: BaseException) -> str | None:
+    """A plain account of a failed checkpoint write caused by the storage (full, read-only, no permission),
+    or ``None`` for anything else. torch's zip writer reports a full disk as a bare RuntimeError
+    ("[enforce fail at inline_container.cc] ... unexpected pos"), so it is recognised by its text."""
+    import errno
+
+    storage = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+               errno.EPERM: "permission denied", errno.EIO: "an input/output error"}
+    for err in (e, e.__cause__, e.__context__):
+        if isinstance(err, OSError) and err.errno in storage:
+            return f"{storage[err.errno]} ({err.filename or err})"
+    text = str(e)
+    if isinstance(e, RuntimeError) and any(k in text for k in ("enforce fail", "PytorchStreamWriter", "file write failed",
+                                                                 "No space left")):
+        return f"the write failed, most likely because the disk is full ({text.strip().splitlines()[0][:200]})"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from .helpers import release_free_memory, to_device
 _logger = logging.getLogger(__name__)
 
 COMMANDS = ("save", "eval", "quit")
+MAX_EMPTY_DRAWS = 100  # loader batches in a row without one readable example before the run stops
 CLIENT_KEY = "vall_e"  # our part of a DeepSpeed checkpoint's client state
 
 
@@ -131,6 +132,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if len(saved) != n:
         _logger.info("the checkpoint holds %d CUDA generator states and this process sees %d GPU(s): restored %d",
                      len(saved), n, min(len(saved), n))
+
+
+class _StopRun(Exception):
+    """Ends :meth:`Trainer._run` from inside the batch stream with an exit status (and, for 0, a save)."""
+
+    def __init__(self, status: int, reason: str = ""):
+        super().__init__(reason)
+        self.status = status
 
 
 @dataclass
@@ -287,7 +296,13 @@ class Trainer:
     # loop --------------------------------------------------------------------------------------
 
     def _batches(self) -> Iterator[dict[str, list[torch.Tensor]]]:
-        """Loader batches with unreadable examples left out (counted, each file named once)."""
+        """Loader batches with unreadable examples left out (counted, each file named once).
+
+        Bad data cannot stall it: the ``max_bad_fraction`` budget is checked at every draw (this
+        rank's counts), ``MAX_EMPTY_DRAWS`` draws in a row without one readable example stop the
+        run, and a signal is honoured at the next draw. Each raises :class:`_StopRun`.
+        """
+        empty = 0
         for batch in self.make_loader(self.state.consumed_batches):
             self.state.consumed_batches += 1
             for path, message in batch.get("bad", ()):
@@ -296,19 +311,32 @@ class Trainer:
                     self.bad_files[path] = message
                     _logger.warning("skipping an unreadable example: %s", message)
             self.n_examples += len(batch["text"]) + len(batch.get("bad", ()))
+            if batch.get("bad") and self._too_much_bad_data(self.n_bad, self.n_examples):
+                raise _StopRun(2)
             if batch["text"]:
+                empty = 0
                 yield batch
+                continue
+            empty += 1
+            if self.stop_signal is not None:
+                raise _StopRun(0, f"{self.stop_signal} received while drawing batches")
+            if empty >= MAX_EMPTY_DRAWS:
+                self._too_much_bad_data(self.n_bad, self.n_examples, force=True)
+                raise _StopRun(2)
 
-    def _too_much_bad_data(self, bad: float, seen: float) -> bool:
-        """True when more than ``max_bad_fraction`` of the examples drawn (all ranks) were unreadable."""
-        if seen < 100 or bad <= self.cfg.max_bad_fraction * seen:
+    def _too_much_bad_data(self, bad: float, seen: float, force: bool = False) -> bool:
+        """True (and the files named in the log) when more than ``max_bad_fraction`` of the examples drawn
+        were unreadable, or ``force`` (no readable example for too long)."""
+        if not force and (seen < 100 or bad <= self.cfg.max_bad_fraction * seen):
             return False
         files = "\n  ".join(sorted(self.bad_files)[:50])
+        why = (f"{MAX_EMPTY_DRAWS} batches in a row held no readable example" if force
+               else f"more than max_bad_fraction={self.cfg.max_bad_fraction:g}")
         _logger.error(
-            "%d of %d drawn examples (more than max_bad_fraction=%g) were unreadable; this rank saw these files:\n  %s\n"
+            "%d of %d drawn examples (%s) were unreadable; this rank saw these files:\n  %s\n"
             "Delete them and recreate them with `python -m vall_e.emb.qnt <their folder>` (it skips files already "
             "done), then rerun this command: it resumes from the last checkpoint.",
-            int(bad), int(seen), self.cfg.max_bad_fraction, files,
+            int(bad), int(seen), why, files,
         )
         return True
 
@@ -406,6 +434,16 @@ class Trainer:
             if self.state.step < self.cfg.max_iter:
                 monitor.open_monitor(self.cfg, self.engine, self.state.step)  # TensorBoard/W&B, global leader only
             return self._run()
+        except _StopRun as stop:
+            if stop.status == 0:
+                # a signal while no batch could be drawn: the unfinished step is dropped, the finished ones saved
+                if distributed.active():
+                    _logger.warning("%s: stopping without a save (another rank may be inside a step); rerun to "
+                                    "resume from the last checkpoint", stop)
+                else:
+                    self.save()
+                    _logger.info("%s: checkpoint saved at step %d, exiting", stop, self.state.step)
+            return stop.status
         finally:
             monitor.close_monitor()  # every way out: max_iter, quit, SIGTERM/SIGINT, exit status 2, an error
             for sig, handler in previous.items():
