@@ -11,7 +11,8 @@ codes of every utterance packed into a few large int16 files, all read through m
         g000003/<array>.npy              one row per utterance (see ``_ARRAYS``)
         shards/codes-g000003-000.bin     int16 codes, frame-major: utterance i is rows
                                          code_off[i] .. code_off[i] + n_frames[i] of (n, 8)
-        build.lock                       one builder at a time
+        build.lock                       one builder at a time (flock)
+        build.lock.owner                 ... or, where flock does not work, this file (see below)
 
 Every rank and every dataloader worker maps the same files: the page cache holds one copy per
 machine, and a worker's private memory does not grow with the corpus. Nothing is pickled but paths.
@@ -21,16 +22,27 @@ every file, ``dirs`` only the folders, enough for tools that write by rename as 
 trusts it). Changed or new utterances are read again and appended to a new shard; unchanged ones
 keep their packed codes. Force a full rebuild by deleting the ``.vall_e`` folder (or
 ``index_rebuild=true``).
+
+**Locks without flock.** Builders of one index take turns through ``flock``. On filesystems where
+it fails (Lustre mounted without ``-o flock``, NFS without a lock manager: ENOSYS, EOPNOTSUPP,
+ENOLCK, EINVAL) they use ``build.lock.owner`` instead, created with ``O_CREAT|O_EXCL`` and naming
+its holder's host, pid and start time; which mechanism is used is logged once, at INFO. A lock whose
+holder is gone from this host (dead or reused pid, or a reboot) is taken over. A lock held by
+another host cannot be checked from here: builders wait, saying every 10 minutes who holds it and
+that it must be deleted by hand if that process is gone. All hosts building into one folder must
+see the same mechanism (mount the filesystem with the same options everywhere).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import time
+import uuid
 import zlib
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Sequence
@@ -105,22 +117,234 @@ def current_generation(home: Path) -> Path | None:
     return gen if name and (gen / "meta.json").exists() else None
 
 
+# ----------------------------------------------------------------------------------------------
+# the build lock: flock where the filesystem supports it, else an O_CREAT|O_EXCL lock file
+
+LOCK_FILE = "build.lock"  # flock'ed (the file itself means nothing)
+OWNER_FILE = "build.lock.owner"  # the fallback: exists while a builder holds it; says who
+# flock's errors on filesystems that do not support it: Lustre without ``-o flock`` (ENOSYS), NFS
+# without a lock manager (ENOLCK), FUSE and some object-store mounts (EOPNOTSUPP, EINVAL)
+_FLOCK_UNSUPPORTED = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL}
+_FLOCK_BUSY = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES}
+_LOCK_POLL_S = 0.5
+_LOCK_NAG_S = 600.0  # repeat the "waiting for another host" warning this often
+_GARBLED_STALE_S = 60.0  # an owner file nobody finished writing is abandoned after this long
+_logged_mechanisms: set[str] = set()
+
+
+def _log_mechanism(kind: str, message: str, *args: Any) -> None:
+    """Say once per process which lock mechanism index builds use."""
+    if kind not in _logged_mechanisms:
+        _logged_mechanisms.add(kind)
+        _logger.info(message, *args)
+
+
 @contextlib.contextmanager
-def _build_lock(home: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``home/build.lock``: concurrent jobs on one corpus take turns."""
+def _build_lock(home: Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold the index build lock of ``home``: concurrent builders of one index take turns.
+
+    An exclusive ``flock`` on ``home/build.lock`` where the filesystem supports it (released by the
+    kernel when its holder dies, on any host). Where ``flock`` fails as unsupported, an
+    ``O_CREAT|O_EXCL`` lock file ``home/build.lock.owner`` naming its holder (see
+    :func:`_owner_file_lock`). ``timeout``: seconds to wait before a :class:`DataError` (None: forever).
+    """
     import fcntl
 
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / "build.lock", "a+") as f:
+    with open(home / LOCK_FILE, "a+") as f:
+        if _flock(f, home, timeout):
+            _log_mechanism("flock", "index builds take turns through flock on %s", home / LOCK_FILE)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+            return
+    with _owner_file_lock(home / OWNER_FILE, timeout):
+        yield
+
+
+def _flock(f: Any, home: Path, timeout: float | None) -> bool:
+    """Take an exclusive flock on ``f``: True once held, False when the filesystem does not support flock."""
+    import fcntl
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    waiting = False
+    while True:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            return True
+        except OSError as e:
+            if e.errno in _FLOCK_UNSUPPORTED:
+                _log_mechanism(
+                    "file", "flock does not work in %s (%s): index builds take turns through the lock file %s "
+                    "(O_CREAT|O_EXCL)", home, e.strerror or e, home / OWNER_FILE,
+                )
+                return False
+            if e.errno not in _FLOCK_BUSY:
+                raise
+        if not waiting:
             _logger.info("waiting for another process building the index in %s", home)
-            fcntl.flock(f, fcntl.LOCK_EX)
+            waiting = True
+        if deadline is None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX)  # the kernel wakes us when the holder lets go
+                return True
+            except OSError as e:
+                if e.errno in _FLOCK_UNSUPPORTED:
+                    return False
+                raise
+        if time.monotonic() >= deadline:
+            raise DataError(f"another process has been building the index in {home} for over {timeout:.0f} s")
+        time.sleep(_LOCK_POLL_S)
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_start(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks since boot), None where /proc cannot tell: tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22; the name in (...) may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _owner_gone(owner: dict[str, Any]) -> bool:
+    """Whether the process named in a lock file is known to be gone (only decidable on its own host)."""
+    import socket
+
+    if owner.get("host") != socket.gethostname():
+        return False
+    if owner.get("boot") and _boot_id() and owner["boot"] != _boot_id():
+        return True  # the host rebooted since
+    pid = owner.get("pid")
+    if not isinstance(pid, int) or not _pid_alive(pid):
+        return True
+    start = owner.get("pid_start")
+    return start is not None and _pid_start(pid) not in (None, start)  # the pid now names another process
+
+
+def _describe_owner(path: Path, owner: dict[str, Any] | None) -> str:
+    if not owner:
+        return f"an unfinished lock file {path}"
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", 0)))
+    return f"pid {owner.get('pid')} on host {owner.get('host')!r} (since {since}; lock file {path})"
+
+
+def _read_owner(path: Path) -> tuple[str, dict[str, Any] | None] | None:
+    """The lock file's text and its parsed owner (None when unparsable); None when there is no lock file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    try:
+        owner = json.loads(text)
+    except ValueError:
+        owner = None
+    return text, owner if isinstance(owner, dict) else None
+
+
+def _remove_if_unchanged(path: Path, text: str) -> bool:
+    """Remove the lock file ``path`` if it still holds ``text``: a file another process created since is put back.
+
+    The rename is atomic, so of several processes removing one stale lock only one gets it.
+    """
+    grave = path.with_name(f"{path.name}.stale-{uuid.uuid4().hex}")
+    try:
+        os.rename(path, grave)
+    except FileNotFoundError:
+        return False
+    try:
+        if grave.read_text(encoding="utf-8") == text:
+            return True
+        # a new holder's file: put it back (link does not overwrite if yet another one appeared)
+        with contextlib.suppress(FileExistsError):
+            os.link(grave, path)
+        return False
+    finally:
+        grave.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _owner_file_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold the lock file ``path``, created with ``O_CREAT|O_EXCL`` (atomic on local disks, NFSv3+ and Lustre).
+
+    It holds the owner's pid, host, boot id and start time. A waiter takes over a lock whose owner
+    is gone: same host, and the pid is dead, reused, or from before a reboot. A lock held by another
+    host cannot be checked from here: we wait, and say every 10 minutes which process holds it and
+    that it must be deleted by hand if that process is gone. ``timeout`` (seconds) turns the wait
+    into a :class:`DataError`.
+    """
+    import socket
+
+    pid = os.getpid()
+    mine = json.dumps({"pid": pid, "host": socket.gethostname(), "boot": _boot_id(), "pid_start": _pid_start(pid),
+                       "started": time.time(), "token": uuid.uuid4().hex})
+    deadline = None if timeout is None else time.monotonic() + timeout
+    nagged: float | None = None
+    while True:
         try:
-            yield
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _read_owner(path)
+            if held is None:
+                continue  # released just now
+            text, owner = held
+            if owner is None:
+                with contextlib.suppress(OSError):
+                    if time.time() - path.stat().st_mtime > _GARBLED_STALE_S:  # its writer died mid-write
+                        owner = {}
+            if owner is not None and (owner == {} or _owner_gone(owner)):
+                if _remove_if_unchanged(path, text):
+                    _logger.warning("removed the stale index build lock of %s: that process is gone",
+                                    _describe_owner(path, owner or None))
+                continue
+            here = owner is not None and owner.get("host") == socket.gethostname()
+            remedy = "" if here else (
+                f"; flock does not work on this filesystem and a lock held by another host cannot be checked "
+                f"from here: if that process is gone, delete {path} by hand"
+            )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DataError(
+                    f"the index in {path.parent} is being built by {_describe_owner(path, owner)}; gave up after "
+                    f"{timeout:.0f} s{remedy}"
+                )
+            if nagged is None or time.monotonic() - nagged >= _LOCK_NAG_S:
+                log = _logger.info if here else _logger.warning
+                log("waiting for %s, which is building the index in %s%s", _describe_owner(path, owner), path.parent,
+                    remedy)
+                nagged = time.monotonic()
+            time.sleep(_LOCK_POLL_S)
+            continue
+        try:
+            os.write(fd, mine.encode("utf-8"))
+            os.fsync(fd)
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            os.close(fd)
+        break
+    try:
+        yield
+    finally:
+        held = _read_owner(path)
+        if held is not None and held[0] == mine:
+            path.unlink(missing_ok=True)
+        else:
+            _logger.warning("the index build lock %s was taken from this process while it held it", path)
 
 
 # ----------------------------------------------------------------------------------------------
