@@ -618,7 +618,7 @@ def content_digest(dirs: Sequence[str], symbols: Sequence[str], arrays: dict[str
     Phones are hashed as strings (a crc32 per symbol), so two builds of one tree agree whatever the
     order they met the symbols in; stats and mtimes are left out, so node-local copies of a tree
     agree too. Codes are not read (that would be a pass over the whole corpus); their frame counts
-    stand in. About 0.6 s per million utterances, once per build.
+    stand in. About 0.9 s per million utterances of ~60 phones (measured on 2 busy cores), once per build.
     """
     h = hashlib.sha256()
     h.update(json.dumps({"dirs": list(dirs), "sizes": [len(arrays[k]) for k in _DIGEST_ARRAYS]}).encode("utf-8"))
