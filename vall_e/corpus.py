@@ -24,7 +24,8 @@ keep their packed codes. Force a full rebuild by deleting the ``.vall_e`` folder
 ``index_rebuild=true``).
 
 **Many nodes: what must be shared.** Checkpoints: ``ckpt_root`` must be one folder every rank sees
-(rank 0 writes and renames each checkpoint; every rank loads it). The index: either on a
+(every rank writes its part of a checkpoint into one folder that rank 0 then renames, and every
+rank loads from it at resume). The index: either on a
 filesystem every node shares (the corpus, or ``index_root``), or node-local copies of the corpus
 that are identical (same files, same relative paths, e.g. ``rsync -a`` from one source; mtimes may
 differ). :func:`open_indexes` builds once per filesystem: rank 0 builds (or checks) its index;
