@@ -376,3 +376,73 @@ def install_strict_guard() -> None:
     for name in _OBJECT_COLLECTIVES:
         if hasattr(dist, name):
             setattr(dist, name, wrap_object(name, getattr(dist, name)))
+
+
+# ----------------------------------------------------------------------------------------------
+# rendezvous-store helpers: hand-offs between ranks that may take hours (an index build on one
+# node while the others wait) go through the launcher's key-value store, never through a collective,
+# so they cannot run into the process group's timeout; and a failing rank publishes its error
+# instead of leaving the others waiting inside a collective.
+
+HOST_ID_ENV = "VALL_E_HOST_ID"
+_STORE_WAIT = 2 * 24 * 3600.0  # seconds: longer than any index build
+_store_scopes: dict[str, int] = {}
+
+
+def host_id() -> str:
+    """The name of this machine: ranks with one host id share its local disks.
+
+    ``VALL_E_HOST_ID`` overrides the hostname; it is for tests only, to make ranks on one machine
+    behave as if each lived on its own node.
+    """
+    import socket
+
+    return os.environ.get(HOST_ID_ENV) or socket.gethostname()
+
+
+def store_scope(name: str) -> str:
+    """A fresh key prefix for one hand-off, the same on every rank (``vall_e/<name>/<n>``, ``n`` counting calls).
+
+    Every rank must call it the same number of times, in the same order, as with collectives.
+    """
+    _store_scopes[name] = _store_scopes.get(name, 0) + 1
+    return f"vall_e/{name}/{_store_scopes[name]}"
+
+
+def _store() -> Any:
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def store_set(key: str, value: Any) -> None:
+    """Publish a JSON-serializable ``value`` under ``key``."""
+    import json
+
+    _store().set(key, json.dumps(value))
+
+
+def store_get(key: str, timeout_s: float = _STORE_WAIT) -> Any:
+    """The value published under ``key``, waiting for it up to ``timeout_s`` seconds."""
+    return store_get_many([key], timeout_s)[0]
+
+
+def store_get_many(keys: list[str], timeout_s: float = _STORE_WAIT) -> list[Any]:
+    """The values published under ``keys`` (in order) once all exist; one round trip when the store allows."""
+    import datetime
+    import json
+
+    store = _store()
+    if not keys:
+        return []
+    store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    try:
+        raw = store.multi_get(keys)
+    except (RuntimeError, NotImplementedError):  # a store without the extended API
+        raw = [store.get(k) for k in keys]
+    return [json.loads(bytes(r).decode()) for r in raw]
+
+
+def store_elect(key: str) -> bool:
+    """True for exactly one of the ranks calling this with ``key`` (the first to arrive)."""
+    return int(_store().add(key, 1)) == 1
