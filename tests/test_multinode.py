@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from vall_e import corpus
+from vall_e.utils import helpers
 from vall_e.corpus import DataError, content_digest, open_index
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,8 +71,8 @@ def no_flock(monkeypatch):
 
 
 def _owner(**fields) -> str:
-    base = {"pid": os.getpid(), "host": socket.gethostname(), "boot": corpus._boot_id(),
-            "pid_start": corpus._pid_start(os.getpid()), "started": time.time() - 60, "token": "t"}
+    base = {"pid": os.getpid(), "host": socket.gethostname(), "boot": helpers.boot_id(),
+            "pid_start": helpers.process_start(os.getpid()), "started": time.time() - 60, "token": "t"}
     return json.dumps({**base, **fields})
 
 
@@ -134,7 +135,7 @@ def test_without_flock_a_stale_lock_of_this_host_is_taken_over(tmp_path, no_floc
     if why == "dead pid":
         lock.write_text(_owner(pid=_dead_pid()))
     elif why == "reused pid":  # our own pid, but it started at another time: it named another process
-        lock.write_text(_owner(pid_start=(corpus._pid_start(os.getpid()) or 0) + 12345))
+        lock.write_text(_owner(pid_start=(helpers.process_start(os.getpid()) or 0) + 12345))
     elif why == "rebooted":
         lock.write_text(_owner(boot="an-earlier-boot"))
     else:  # a holder that died between creating and writing the file

@@ -162,8 +162,9 @@ class _FullDisk:
 def test_interrupted_save_leaves_no_checkpoint(base_run, tmp_path, prepared_corpus):
     ckpt = tmp_path / "ckpts" / "ar"
     shutil.copytree(base_run, ckpt)
-    with pytest.raises(OSError):
+    with pytest.raises(engines.CheckpointError, match="no space left on the device.*global_step6\\) is intact"):
         engines.save_checkpoint(_FullDisk(), ckpt, 8, {}, meta={})
+    assert not list(ckpt.glob(".partial-*"))
     assert engines.checkpoint_tags(ckpt) == ["global_step6", "global_step4", "global_step2"]
     assert (ckpt / "latest").read_text().strip() == "global_step6"
     assert engines.resume_candidates(ckpt)[0] == "global_step6"

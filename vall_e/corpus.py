@@ -65,7 +65,7 @@ from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
-from .utils.helpers import atomic_write_text
+from .utils.helpers import atomic_write_text, boot_id, process_alive, process_start
 
 _logger = logging.getLogger(__name__)
 
@@ -214,45 +214,19 @@ def _flock(f: Any, home: Path, timeout: float | None) -> bool:
         time.sleep(_LOCK_POLL_S)
 
 
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _pid_start(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks since boot), None where /proc cannot tell: tells a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat[stat.rindex(")") + 2 :].split()[19])  # field 22; the name in (...) may hold spaces
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def _owner_gone(owner: dict[str, Any]) -> bool:
     """Whether the process named in a lock file is known to be gone (only decidable on its own host)."""
     import socket
 
     if owner.get("host") != socket.gethostname():
         return False
-    if owner.get("boot") and _boot_id() and owner["boot"] != _boot_id():
+    if owner.get("boot") and boot_id() and owner["boot"] != boot_id():
         return True  # the host rebooted since
     pid = owner.get("pid")
-    if not isinstance(pid, int) or not _pid_alive(pid):
+    if not isinstance(pid, int) or not process_alive(pid):
         return True
     start = owner.get("pid_start")
-    return start is not None and _pid_start(pid) not in (None, start)  # the pid now names another process
+    return start is not None and process_start(pid) not in (None, start)  # the pid now names another process
 
 
 def _describe_owner(path: Path, owner: dict[str, Any] | None) -> str:
@@ -309,7 +283,7 @@ def _owner_file_lock(path: Path, timeout: float | None = None) -> Iterator[None]
     import socket
 
     pid = os.getpid()
-    mine = json.dumps({"pid": pid, "host": socket.gethostname(), "boot": _boot_id(), "pid_start": _pid_start(pid),
+    mine = json.dumps({"pid": pid, "host": socket.gethostname(), "boot": boot_id(), "pid_start": process_start(pid),
                        "started": time.time(), "token": uuid.uuid4().hex})
     deadline = None if timeout is None else time.monotonic() + timeout
     nagged: float | None = None

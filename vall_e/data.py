@@ -165,8 +165,9 @@ def _speakers(corpus: Corpus, cfg: Config) -> tuple[np.ndarray, list[str]]:
     out = []
     probe = "\0probe.qnt.pt"
     for index in corpus.indexes:
-        try:
-            per_dir = [get((index.root / d) / probe) for d in index.meta["dirs"]]
+        used = set(np.unique(np.asarray(index.dir)).tolist()) if len(index) else set()
+        try:  # only folders that hold utterances need a speaker (a shallow corpus root may not have one)
+            per_dir = [get((index.root / d) / probe) if i in used else "" for i, d in enumerate(index.meta["dirs"])]
         except ValueError as e:
             raise DataError(f"spkr_name_getter={cfg.spkr_name_getter!r}: {e}") from None
         if any(s == probe for s in per_dir):  # the getter names the file itself: one speaker per utterance

@@ -120,47 +120,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-_leader_first_calls = 0
-
-
-def leader_first(on_leader: Callable[[], Any], on_others: Callable[[], Any], error_type: type = Exception) -> Any:
-    """Run ``on_leader`` on global rank 0 while the other ranks wait, then ``on_others`` on them.
-
-    For one-time work such as building a shared index: the others map the result instead of
-    redoing it. They wait on the rendezvous store, not in a collective, so a long build (the first
-    index of a large corpus) does not hit the process group's timeout. An ``error_type`` raised on
-    the leader is raised on every rank with the same message, so all exit alike.
-    """
-    import datetime
-
-    import torch.distributed as dist
-
-    global _leader_first_calls
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return on_leader()
-    _leader_first_calls += 1
-    key = f"vall_e/leader_first/{_leader_first_calls}"
-    store = dist.distributed_c10d._get_default_store()
-    if is_global_leader():
-        try:
-            result = on_leader()
-        except error_type as e:
-            store.set(key, "error:" + str(e))
-            raise
-        except BaseException as e:  # release the others: they must not wait for a crashed leader
-            store.set(key, f"crash:rank 0 failed ({type(e).__name__}: {e})")
-            raise
-        store.set(key, "ok")
-        return result
-    store.wait([key], datetime.timedelta(days=2))
-    status = store.get(key).decode()
-    if status.startswith("error:"):
-        raise error_type(status[len("error:"):])
-    if status.startswith("crash:"):
-        raise RuntimeError(status[len("crash:"):])
-    return on_others()
-
-
 # ----------------------------------------------------------------------------------------------
 # collectives: the one place that knows which device each backend communicates through
 
