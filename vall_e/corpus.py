@@ -69,7 +69,8 @@ from .utils.helpers import atomic_write_text, boot_id, process_alive, process_st
 
 _logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: codes checked against the codebook size (1 accepted any int16)
+CODEBOOK_SIZE = 1024  # EnCodec 24 kHz: every code of every level is below this (the models' num_tokens)
 N_CODEBOOKS = 8
 QNT_SUFFIX, PHN_SUFFIX = ".qnt.pt", ".phn.txt"
 INDEX_DIR = ".vall_e"
@@ -346,6 +347,24 @@ def _stat(entry: os.DirEntry) -> tuple[int, int]:
     return (st.st_size, st.st_mtime_ns)
 
 
+def _is_dir(entry: os.DirEntry, parent: Path) -> bool:
+    """Whether ``entry`` is a folder to walk into: not a symlink that loops back to one of its ancestors."""
+    try:
+        if not entry.is_dir():
+            return False
+        if not entry.is_symlink():
+            return True
+        target = Path(entry.path).resolve(strict=True)
+    except (OSError, RuntimeError) as e:  # a broken link, or one that resolves through a loop (ELOOP)
+        _logger.warning("skipping %s: %s", entry.path, getattr(e, "strerror", None) or e)
+        return False
+    here = parent.resolve()
+    if target == here or target in here.parents:
+        _logger.warning("skipping %s: a symlink to %s, which contains it (a loop)", entry.path, target)
+        return False
+    return True
+
+
 def _scan_dir(path: Path) -> tuple[int, list[str], list[tuple[str, tuple[int, int], tuple[int, int]]]] | None:
     """One folder: its mtime, its visible subfolders and its utterances ``(id, qnt stat, phn stat)``."""
     try:
@@ -373,12 +392,15 @@ def _scan_dir(path: Path) -> tuple[int, list[str], list[tuple[str, tuple[int, in
             qnt[uid] = e
         elif name.endswith(PHN_SUFFIX):
             phn[name.split(".", 1)[0]] = e
-        elif e.is_dir():
+        elif _is_dir(e, path):
             subdirs.append(name)
     utts = []
     for uid in sorted(qnt):
         p = phn.get(uid)
-        utts.append((uid, _stat(qnt[uid]), _stat(p) if p is not None else (0, 0)))
+        try:
+            utts.append((uid, _stat(qnt[uid]), _stat(p) if p is not None else (0, 0)))
+        except OSError as e:  # e.g. a symlink that loops or points nowhere
+            _logger.warning("skipping utterance %s in %s: %s", uid, path, e.strerror or e)
     return mtime, sorted(subdirs), utts
 
 
@@ -438,8 +460,10 @@ def read_codes_file(path: str | Path) -> np.ndarray:
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool or codes.shape[-1] == 0:
         raise ValueError(f"codes must be a non-empty integer tensor, found {codes.dtype} with shape {tuple(codes.shape)}")
     lo, hi = int(codes.min()), int(codes.max())
-    if lo < 0 or hi > 32767:
-        raise ValueError(f"code values {lo}..{hi} are outside the codebook range")
+    if lo < 0 or hi >= CODEBOOK_SIZE:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"holds the code {bad}, outside 0..{CODEBOOK_SIZE - 1} (EnCodec's codebook, num_tokens="
+                         f"{CODEBOOK_SIZE}); it was not written by python -m vall_e.emb.qnt: re-encode its audio")
     return codes[0].t().to(torch.int16).numpy()
 
 
@@ -558,6 +582,16 @@ class CorpusIndex:
         """``(t,)`` ids into :attr:`symbols`."""
         return np.asarray(self.phones[self.phone_off[i] : self.phone_off[i + 1]])
 
+    def damaged_shards(self) -> list[str]:
+        """Shards whose size is not what the index expects (truncated, replaced, missing): one stat each."""
+        out = []
+        for name, frames in self.meta.get("shards", []):
+            path = self.gen.parent / "shards" / name
+            size = path.stat().st_size if path.exists() else -1
+            if size != frames * N_CODEBOOKS * 2:
+                out.append(f"{path} holds {max(size, 0)} bytes, not {frames * N_CODEBOOKS * 2}")
+        return out
+
     def _shard(self, s: int) -> np.ndarray:
         arr = self._shards.get(s)
         if arr is None:
@@ -567,7 +601,8 @@ class CorpusIndex:
             if size != frames * N_CODEBOOKS * 2:
                 raise DataError(
                     f"packed codes {path} hold {max(size, 0)} bytes, the index expects {frames * N_CODEBOOKS * 2}: "
-                    f"the index is damaged; delete {self.gen.parent} (it is rebuilt at the next start)"
+                    "the index was damaged while training ran; rerun the same command: the index is checked and "
+                    "rebuilt at start, and training resumes from the last checkpoint"
                 )
             arr = np.memmap(path, dtype=np.int16, mode="r", shape=(frames, N_CODEBOOKS))
             self._shards[s] = arr
@@ -617,6 +652,10 @@ def _load_current(root: Path, home: Path) -> CorpusIndex | None:
         _logger.warning("the corpus index %s cannot be read (%s): rebuilding it", gen, e)
         return None
     if index.meta.get("version") != INDEX_VERSION:
+        return None
+    damaged = index.damaged_shards()
+    if damaged:
+        _logger.warning("the packed codes of %s are damaged (%s): rebuilding the index", gen, "; ".join(damaged))
         return None
     return index
 

@@ -335,7 +335,14 @@ def _train(cfg: Config) -> int:
         evaluate=Evaluator(cfg, engine, data),
         state=state,
     )
-    status = trainer.run()
+    try:
+        status = trainer.run()
+    except DataError as e:  # the corpus changed under a running job (e.g. a damaged shard)
+        text = str(e).strip()
+        if "Traceback" in text:  # a loader worker's error arrives with its traceback as text: keep the message
+            text = text.splitlines()[-1].partition("DataError: ")[2] or text.splitlines()[-1]
+        _logger.error("%s", text)
+        return 2
     distributed.barrier()
     return status
 
