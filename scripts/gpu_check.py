@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One command, one JSON: does the project work on this CUDA GPU, and how fast is it?
 
-    python scripts/gpu_check.py [--out FILE] [--stage-timeout S | name=S,...] [--only stage,...]
+    python scripts/gpu_check.py [--out FILE] [--stage-timeout S | name=S,...] [--only stage,...] [--logs DIR]
 
 Without a CUDA GPU it prints one line and exits 2. Otherwise it runs the stages below, each in its
 own subprocess (its own process group) under its own time cap, so a hang or a crash in one stage
@@ -11,29 +11,31 @@ the date and, per stage, ``status`` (ok | failed | timeout | skipped), ``seconds
 (with the tail of the output when it did not end well). A progress line per stage goes to stderr.
 Exit status: 0 when every selected stage is ok, 1 otherwise, 2 without a GPU or on a usage error.
 
-Stages (default caps in seconds; they sum to under 8 minutes):
+Stages (default caps in seconds; they sum to 475 s, under 8 minutes):
 
-- ``deepspeed_ops`` (60): is DeepSpeed's FusedAdam prebuilt, and does training use it? If it is not
-  prebuilt it is JIT-built here (needs ``nvcc``), so the training stages do not pay for the build.
-- ``pytest`` (120): ``pytest -m gpu -q tests``; counts of passed/failed/skipped and the failures.
+- ``deepspeed_ops`` (20): which Adam training uses and whether DeepSpeed's FusedAdam op is prebuilt,
+  with ``nvcc``/``ninja``. Should training need that op unbuilt, it is JIT-built here (needs
+  ``nvcc``) so the training stages do not pay for the build, or the stage fails saying why.
+- ``pytest`` (140): ``pytest -m gpu -q tests`` (tests/test_gpu.py and every other gpu-marked test):
+  counts of passed/failed/skipped and the failed test ids.
 - ``train`` (50): the quarter AR and NAR of ``config/test/{ar,nar}.yml`` on a copy of data/test, in
-  bf16 and in fp16, with the real DeepSpeed engine (four runs at once); first/last loss from the
-  JSON log lines, whether it fell, grad norms, fp16 overflow skips.
-- ``resume`` (50): AR and NAR in bf16: an uninterrupted run, an identical rerun, and a run stopped
+  bf16 and in fp16, with the real DeepSpeed engine (four runs at once); the precision each run
+  reported, first/last loss from the JSON log lines, whether it fell, gradient norms (fp16 over bf16),
+  fp16 steps skipped for overflow.
+- ``resume`` (75): AR and NAR in bf16: an uninterrupted run, an identical rerun, and a run stopped
   by ``max_iter`` at half way then resumed to the end; final weights compared (max abs diff, read
   through ``vall_e.export.read_checkpoint``, weights-only) and the logged losses after the resume.
-  The rerun measures how reproducible training is on this GPU at all, which is the yardstick
-  for the resume difference.
+  The rerun measures how reproducible training is on this GPU at all, the yardstick for the resume.
 - ``synth`` (35): ``python -m vall_e.export`` of the bf16 AR and NAR, then the synthesis CLI on CUDA
   with data/test/test.wav as the reference; seconds, output duration, real-time factor.
-- ``benchmark`` (50): ``scripts/benchmark.py --device cuda --preset full``, all its keys.
+- ``benchmark`` (45): ``scripts/benchmark.py --device cuda --preset full``, all its keys.
 - ``mfu`` (30): training tokens/s of the full presets at the LibriTTS recipes' batch budgets, with
-  FLOPs and MFU (see :func:`training_flops`).
-- ``sdpa`` (20): which ``scaled_dot_product_attention`` kernel the full AR and NAR get, training
+  FLOPs and MFU (see ``FLOPS_FORMULA`` and :func:`training_flops`).
+- ``sdpa`` (25): which ``scaled_dot_product_attention`` back end the full AR and NAR get, training
   (forward + backward) and AR decoding, in bf16 and fp32, from ``torch.profiler``.
 - ``qnt`` (35): ``scripts/bench_qnt.py --device cuda --compare-cpu``: audio seconds encoded per
-  second and agreement of CUDA codes with CPU codes (whatever keys it prints are kept).
-- ``syncs`` (25): host syncs (``torch.cuda.set_sync_debug_mode("warn")`` warnings) per training step
+  second and agreement of CUDA codes with CPU float64 codes (its keys are kept as they come).
+- ``syncs`` (20): host syncs (``torch.cuda.set_sync_debug_mode("warn")`` warnings) per training step
   of the quarter AR and NAR (forward + backward + fused AdamW, bf16 autocast) and per token of a
   cached AR decode, with the source lines that sync most.
 
@@ -69,16 +71,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Stage names in the order they run, with their default caps (seconds). Sum: 475 s.
 DEFAULT_TIMEOUTS: dict[str, float] = {
-    "deepspeed_ops": 60,
-    "pytest": 120,
+    "deepspeed_ops": 20,
+    "pytest": 140,
     "train": 50,
-    "resume": 50,
+    "resume": 75,  # two launches in a row: the half runs, then their continuations
     "synth": 35,
-    "benchmark": 50,
+    "benchmark": 45,
     "mfu": 30,
-    "sdpa": 20,
+    "sdpa": 25,
     "qnt": 35,
-    "syncs": 25,
+    "syncs": 20,
 }
 STAGE_NAMES = list(DEFAULT_TIMEOUTS)
 
@@ -201,27 +203,6 @@ def last_json_object(text: str) -> Optional[dict[str, Any]]:
             if isinstance(value, dict):
                 return value
     return None
-
-
-def unrecognized_flags(stderr: str) -> list[str]:
-    """The options argparse refused (``error: unrecognized arguments: --a 1 --b``): ``["--a", "--b"]``."""
-    m = re.search(r"unrecognized arguments: (.*)", stderr)
-    return [w for w in m.group(1).split() if w.startswith("--")] if m else []
-
-
-def drop_flags(argv: Sequence[str], flags: Sequence[str], with_value: dict[str, bool]) -> list[str]:
-    """``argv`` without ``flags`` (and the value after each flag that ``with_value`` says takes one)."""
-    out, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-            continue
-        name = word.split("=", 1)[0]
-        if name in flags:
-            skip = with_value.get(name, False) and "=" not in word
-            continue
-        out.append(word)
-    return out
 
 
 def parse_train_log(text: str, split: str = "train") -> list[dict[str, Any]]:
@@ -598,7 +579,19 @@ class RunSpec:
     stop_at: Optional[int] = None  # this launch ends here (max_iter=stop_at): a run to be resumed later
 
 
-PRECISION_WORDS = {"bf16": ["use_bf16=true"], "fp16": ["use_fp16=true", "use_bf16=false"]}
+def precision_words(precision: str) -> list[str]:
+    """Config words that train in ``precision`` (``bf16`` | ``fp16``) on any CUDA GPU.
+
+    ``use_fp16=true`` means "half precision" and picks bf16 on GPUs that have it; ``half_precision=fp16``
+    (where the config has that field) makes it fp16 there too.
+    """
+    if precision == "bf16":
+        return ["use_bf16=true"]
+    if precision != "fp16":
+        raise ValueError(f"precision {precision!r}: use bf16 or fp16")
+    from vall_e.config import Config
+
+    return ["use_fp16=true", "use_bf16=false"] + (["half_precision=fp16"] if "half_precision" in Config.field_names() else [])
 
 
 def prepare_data(workdir: Path) -> Path:
@@ -616,8 +609,6 @@ def train_words(spec: RunSpec, workdir: Path, device: str) -> list[str]:
     ``max_iter`` (it is still rising: ``warmup_num_steps`` > ``max_iter``), so a run stopped half way
     and launched again without ``stop_at`` trains exactly as an uninterrupted one.
     """
-    if spec.precision not in PRECISION_WORDS:
-        raise ValueError(f"precision {spec.precision!r}: use bf16 or fp16")
     return [
         f"yaml=config/test/{spec.kind}.yml",
         f"device={device}",
@@ -625,7 +616,7 @@ def train_words(spec: RunSpec, workdir: Path, device: str) -> list[str]:
         f"ckpt_root={workdir / 'ckpts'}",
         f"log_root={workdir / 'logs'}",
         f"data_dirs=[{workdir / 'data' / 'test'}]",
-        *PRECISION_WORDS[spec.precision],
+        *precision_words(spec.precision),
         f"max_iter={spec.stop_at if spec.stop_at is not None else spec.max_iter}",
         f"save_ckpt_every={spec.save_every}",
         "eval_every=1000000",
@@ -818,9 +809,11 @@ def stage_train(ctx: StageContext) -> None:
         if _finite(last["bf16"].get("grad_norm")) and _finite(last["fp16"].get("grad_norm")) and last["bf16"]["grad_norm"]:
             runs[f"{kind}-fp16"]["grad_norm_ratio_to_bf16"] = last["fp16"]["grad_norm"] / last["bf16"]["grad_norm"]
     ctx.record(runs=runs)
-    bad = [n for n, r in runs.items() if r.get("returncode", 0) != 0 or not r["all_finite"] or not r["loss_fell"]]
+    bad = [n for n, r in runs.items() if r.get("returncode", 0) != 0 or not r["all_finite"] or not r["loss_fell"]
+           or (ctx.cuda and r.get("precision_used") not in (None, r["precision"]))]
     if bad:
-        raise StageError(f"runs that failed, logged a non-finite loss or whose loss did not fall: {', '.join(bad)}")
+        raise StageError(f"runs that failed, logged a non-finite loss, whose loss did not fall or that trained in "
+                         f"another precision than asked: {', '.join(bad)}")
 
 
 def stage_resume(ctx: StageContext) -> None:
@@ -834,6 +827,9 @@ def stage_resume(ctx: StageContext) -> None:
             first.append(spec)
         first.append(dataclasses.replace(spec, name=f"{name}-rerun"))
         first.append(dataclasses.replace(spec, name=f"{name}-resume", stop_at=half))
+        for run in (f"{name}-rerun", f"{name}-resume"):  # a reused --workdir: these must start from scratch
+            shutil.rmtree(ctx.workdir / "ckpts" / run, ignore_errors=True)
+            shutil.rmtree(ctx.workdir / "logs" / run, ignore_errors=True)
     out_dir = ctx.workdir / "out" / "resume"
     ended = train_runs(first, ctx.workdir, ctx.device, out_dir / "first")
     ctx.record(steps=n, resumed_at=half, first_launch_returncodes={k: v.returncode for k, v in ended.items()})
@@ -1155,78 +1151,6 @@ def stage_syncs(ctx: StageContext) -> None:
         torch.cuda.empty_cache()
 
 
-def run_tolerant(argv: list[str], optional: dict[str, bool], log_dir: Path, env: dict[str, str]) -> tuple[Finished, list[str]]:
-    """Run a script; if argparse refuses options from ``optional`` (``flag -> takes a value``: options
-    the script may not have yet), run it again without them. Returns the last run and the dropped flags."""
-    dropped: list[str] = []
-    while True:
-        finished = run_concurrently({f"run{len(dropped)}": argv}, log_dir, env)[f"run{len(dropped)}"]
-        refused = [f for f in unrecognized_flags(finished.stderr) if f in optional and f not in dropped]
-        if finished.returncode != 2 or not refused:
-            return finished, dropped
-        dropped += refused
-        argv = drop_flags(argv, refused, optional)
-
-
-def code_agreement(ref: Sequence[Any], hyp: Sequence[Any]) -> dict[str, Any]:
-    """Agreement of two lists of ``(1, 8, T)`` code tensors: all codes, codebook 1, whole frames."""
-    same = level1 = frames_same = total = frames = 0
-    for a, b in zip(ref, hyp):
-        a, b = a.long().reshape(8, -1), b.long().reshape(8, -1)
-        if a.shape != b.shape:
-            raise StageError(f"code shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
-        eq = a == b
-        same += int(eq.sum())
-        level1 += int(eq[0].sum())
-        frames_same += int(eq.all(0).sum())
-        total += eq.numel()
-        frames += eq.shape[1]
-    if not frames:
-        return {"frames": 0}
-    return {"frames": frames, "all_codes": round(same / total, 6), "codebook1": round(level1 / frames, 6),
-            "whole_frames": round(frames_same / frames, 6)}
-
-
-def stage_qnt(ctx: StageContext) -> None:
-    """``scripts/bench_qnt.py`` on the device; its JSON keys are kept as they come.
-
-    When the script does not know ``--compare-cpu`` yet, the CUDA codes it left in its corpus are
-    compared here with CPU codes of the same files (the default CPU float64 path), up to 20 s of audio.
-    """
-    seconds = 5 if ctx.quick else 60
-    work = ctx.workdir / "qnt"
-    argv = [sys.executable, "scripts/bench_qnt.py", "--device", ctx.device, "--compare-cpu", "--skip-memory",
-            "--codec-weights", "untrained", "--workdir", str(work), "--seconds", str(seconds)]
-    finished, dropped = run_tolerant(argv, {"--compare-cpu": False, "--skip-memory": False},
-                                     ctx.workdir / "out" / "qnt", subprocess_env())
-    found = last_json_object(finished.stdout) or {}
-    ctx.record(**found, bench_qnt_returncode=finished.returncode, dropped_flags=dropped,
-               bench_qnt_s=round(finished.seconds, 1))
-    if finished.returncode != 0:
-        raise StageError(f"bench_qnt.py failed: {error_line(finished.stderr + finished.stdout)}")
-    if "--compare-cpu" not in dropped:
-        return
-    import torch
-
-    from vall_e.emb import qnt
-
-    corpus = work / f"corpus_{seconds}s_seed0"  # bench_qnt.fabricate's folder
-    pairs, audio = [], 0.0
-    for codes_path in sorted(corpus.rglob("*.qnt.pt")):
-        wav = codes_path.with_name(codes_path.name.split(".")[0] + ".wav")
-        if not wav.is_file() or audio >= (3 if ctx.quick else 20):
-            continue
-        cpu = qnt.encode_from_file(wav, device="cpu", codec_weights="untrained")
-        pairs.append((cpu, torch.load(codes_path, weights_only=True)))
-        audio += cpu.shape[-1] / qnt.FRAME_RATE
-    if not pairs:
-        ctx.record(cpu_agreement_note=f"no codes found in {corpus} to compare")
-        return
-    ctx.record(cpu_agreement={"audio_s": round(audio, 1), "device_codes": f"{ctx.device}, bench_qnt's last run",
-                              "cpu_codes": "float64, one file per pass",
-                              **code_agreement([c for c, _ in pairs], [d for _, d in pairs])})
-
-
 INTERNAL_STAGES: dict[str, Callable[[StageContext], None]] = {
     "deepspeed_ops": stage_deepspeed_ops,
     "train": stage_train,
@@ -1234,7 +1158,6 @@ INTERNAL_STAGES: dict[str, Callable[[StageContext], None]] = {
     "synth": stage_synth,
     "mfu": stage_mfu,
     "sdpa": stage_sdpa,
-    "qnt": stage_qnt,
     "syncs": stage_syncs,
 }
 
@@ -1341,6 +1264,11 @@ def build_stages(names: Sequence[str], workdir: Path, device: str, quick: bool) 
             cmd = [py, "scripts/benchmark.py", "--device", device]
             cmd += ["--preset", "tiny", "--quick"] if quick else ["--preset", "full"]
             stages.append(Stage(name, cmd, _parse_last_json, env=env))
+        elif name == "qnt":
+            cmd = [py, "scripts/bench_qnt.py", "--device", device, "--compare-cpu", "--skip-memory",
+                   "--codec-weights", "untrained", "--workdir", str(workdir / "qnt"),
+                   "--seconds", "5" if quick else "60"]
+            stages.append(Stage(name, cmd, _parse_last_json, env=env))
         else:  # pragma: no cover - STAGE_NAMES and this function are kept in step
             raise ValueError(name)
     return stages
@@ -1403,6 +1331,20 @@ def _command_output(argv: list[str]) -> Optional[str]:
     return proc.stdout.strip().splitlines()[0] if proc.returncode == 0 and proc.stdout.strip() else None
 
 
+def copy_logs(workdir: Path, dest: Path, max_bytes: int = 2 * 2**20) -> int:
+    """Copy the text logs of a run (stage output, training ``log.txt``, per-run output) from ``workdir`` to
+    ``dest``, keeping their relative paths; files over ``max_bytes`` are skipped. Returns how many were copied."""
+    n = 0
+    for path in sorted(workdir.rglob("*")):
+        if path.is_file() and path.suffix in (".out", ".err", ".txt", ".json") and path.stat().st_size <= max_bytes \
+                and "data" not in path.relative_to(workdir).parts[:1]:
+            target = dest / path.relative_to(workdir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, target)
+            n += 1
+    return n
+
+
 def default_out(gpu_name: str, when: datetime) -> Path:
     """``benchmarks/gpu_check-<gpu slug>-<date>.json``; a second run that day adds the time."""
     path = REPO / "benchmarks" / f"gpu_check-{slug(gpu_name)}-{when:%Y-%m-%d}.json"
@@ -1435,7 +1377,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap every stage at S seconds, or only the named ones (defaults: "
                         + ", ".join(f"{k}={v:g}" for k, v in DEFAULT_TIMEOUTS.items()) + ")")
     p.add_argument("--only", default=None, metavar="STAGE,...", help="run only these stages (the others are 'skipped')")
-    p.add_argument("--workdir", type=Path, default=None, help="keep runs, checkpoints and logs here (default: a temporary folder, removed)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep runs, checkpoints and logs here (default: a temporary folder, removed); "
+                        "training runs already finished in it are reused")
+    p.add_argument("--logs", type=Path, default=None,
+                   help="copy every stage's output and the training logs (text only) into this folder")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu only to dry-run this script with --quick")
     p.add_argument("--quick", action="store_true", help="tiny sizes everywhere (a dry run of the script; numbers mean nothing)")
     p.add_argument("--stage", choices=sorted(INTERNAL_STAGES), default=None, help=argparse.SUPPRESS)
@@ -1474,6 +1420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stages = build_stages(names, workdir, args.device, args.quick)
         results = run_stages(stages, caps, workdir, STAGE_NAMES)
     finally:
+        if args.logs is not None:
+            print(f"[gpu_check] copied {copy_logs(workdir, args.logs)} log file(s) to {args.logs}", file=sys.stderr)
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     report = build_report(env, results, started)
