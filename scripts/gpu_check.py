@@ -754,9 +754,9 @@ def stage_deepspeed_ops(ctx: StageContext) -> None:
     """Is DeepSpeed's FusedAdam usable? Build it now (JIT, needs nvcc) when training needs it and it is not prebuilt."""
     import torch.utils.cpp_extension as cpp
 
-    ctx.record(nvcc=shutil.which("nvcc") or (str(Path(cpp.CUDA_HOME) / "bin" / "nvcc") if cpp.CUDA_HOME and
-                                              (Path(cpp.CUDA_HOME) / "bin" / "nvcc").exists() else None),
-               cuda_home=cpp.CUDA_HOME, ninja=bool(cpp.is_ninja_available()))
+    home_nvcc = Path(cpp.CUDA_HOME) / "bin" / "nvcc" if cpp.CUDA_HOME else None
+    nvcc = shutil.which("nvcc") or (str(home_nvcc) if home_nvcc is not None and home_nvcc.exists() else None)
+    ctx.record(nvcc=nvcc, cuda_home=cpp.CUDA_HOME, ninja=bool(cpp.is_ninja_available()))
     from deepspeed.accelerator import get_accelerator
     from deepspeed.git_version_info import installed_ops
 
@@ -921,7 +921,7 @@ def stage_synth(ctx: StageContext) -> None:
         raise StageError(f"synthesis ran on {parsed['device']}, not {ctx.device}")
 
 
-def random_batch(shapes: Sequence[Shape], kind: str, device: str, seed: int = 0) -> tuple[list, list, list]:
+def random_batch(shapes: Sequence[Shape], device: str, seed: int = 0) -> tuple[list, list, list]:
     """Random (text, prompt, response) lists of these shapes on ``device``; phone ids 1..99."""
     import torch
 
@@ -970,7 +970,7 @@ def stage_mfu(ctx: StageContext) -> None:
             seconds = 1.0 if ctx.quick else seconds
             shape = recipe_shape(kind, recipe["prompt_mode"], seconds)
             rows = rows_for_budget(shape, budget, int(recipe["batch_size"]))
-            text, proms, resps = random_batch([shape] * rows, kind, ctx.device)
+            text, proms, resps = random_batch([shape] * rows, ctx.device)
 
             def step() -> None:
                 opt.zero_grad(set_to_none=True)
@@ -1043,7 +1043,7 @@ def sdpa_report(preset_suffix: str, device: str, quick: bool = False) -> dict[st
             if kind == "nar":
                 cases["nar_train_equal_lengths"] = [lengths[0]] * 3
             for case, shapes in cases.items():
-                batch = random_batch(shapes, kind, device)
+                batch = random_batch(shapes, device)
 
                 def train_step() -> None:
                     model.zero_grad(set_to_none=True)
@@ -1052,7 +1052,7 @@ def sdpa_report(preset_suffix: str, device: str, quick: bool = False) -> dict[st
                 train_step()  # warm-up: kernel selection and allocations outside the profile
                 out[f"{case}_{dtype_name}"] = profile_sdpa(train_step, device)
             if kind == "ar":
-                text, proms, _ = random_batch(lengths[:1], kind, device)
+                text, proms, _ = random_batch(lengths[:1], device)
                 model.eval()
 
                 def decode() -> None:
@@ -1119,7 +1119,7 @@ def stage_syncs(ctx: StageContext) -> None:
         torch.manual_seed(0)
         model = get_model(f"{kind}-quarter").cuda().train()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        batch = random_batch(shapes, kind, "cuda")
+        batch = random_batch(shapes, "cuda")
 
         def train_steps(n: int) -> None:
             for _ in range(n):
@@ -1134,8 +1134,8 @@ def stage_syncs(ctx: StageContext) -> None:
         ctx.record(**{f"{kind}_train_syncs_per_step": n / steps, f"{kind}_train_sync_sources": where})
         if kind == "ar":
             model.eval()
-            text, proms, _ = random_batch(shapes[:1], kind, "cuda")
-            text4, proms4, _ = random_batch(shapes, kind, "cuda")
+            text, proms, _ = random_batch(shapes[:1], "cuda")
+            text4, proms4, _ = random_batch(shapes, "cuda")
             g = torch.Generator("cuda").manual_seed(0)
             runs = {
                 "greedy_b1": lambda: model.generate(text, proms, max_steps=tokens, temperature=0.0, ignore_stop=True),

@@ -144,7 +144,7 @@ def test_cached_greedy_decoding_equals_uncached(gc, dtype, full_fp32_matmuls):
 
     torch.manual_seed(0)
     model = get_model("ar-quarter").cuda().to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]).eval()
-    text, proms, _ = gc.random_batch([gc.Shape(30, 150, 0), gc.Shape(45, 90, 0)], "ar", "cuda", seed=1)
+    text, proms, _ = gc.random_batch([gc.Shape(30, 150, 0), gc.Shape(45, 90, 0)], "cuda", seed=1)
     steps, tol = 48, GAP_TOLERANCE[dtype]
     cached = model.generate(text, proms, max_steps=steps, temperature=0.0, ignore_stop=True)
     uncached = model.generate(text, proms, max_steps=steps, temperature=0.0, ignore_stop=True, use_cache=False)
@@ -172,7 +172,7 @@ def test_sdpa_is_not_math_for_bf16_ar_training(gc):
 
     torch.manual_seed(0)
     model = get_model("ar-quarter").cuda().to(torch.bfloat16).train()
-    batch = gc.random_batch([gc.Shape(40, 120, 150), gc.Shape(55, 150, 200), gc.Shape(30, 100, 120)], "ar", "cuda")
+    batch = gc.random_batch([gc.Shape(40, 120, 150), gc.Shape(55, 150, 200), gc.Shape(30, 100, 120)], "cuda")
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
