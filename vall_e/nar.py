@@ -50,11 +50,13 @@ class NAR(Base):
         logits = self.classifier(select_spans(h, [n - t for n, t in zip(seq_lens, lens)], lens))
         return logits, frame_level
 
-    def _check_levels(self, quant_levels: Tensor) -> None:
-        """Reject caller-given levels outside ``1..n_resp_levels - 1`` (drawn ones need no check).
+    def _given_levels(self, quant_levels: Tensor) -> Tensor:
+        """Levels a caller gives, checked to be within ``1..n_resp_levels - 1``, as int64 on the model's device.
 
         Levels on the CPU are checked there, for free. Levels already on an accelerator are checked
         by the device (``torch._assert_async``): reading them back would make the host wait for it.
+        Host levels travel with ``non_blocking``: the host stages them and moves on instead of
+        waiting for the device to finish its queue.
         """
         top = self.config.n_resp_levels - 1
         bad = ((quant_levels < 1) | (quant_levels > top)).any()
@@ -62,6 +64,7 @@ class NAR(Base):
             torch._assert_async(~bad, f"quant_levels must be within 1..{top}")
         elif bool(bad):
             raise ValueError(f"quant_levels must be within 1..{top}, got {quant_levels.tolist()}")
+        return quant_levels.to(self.device, torch.long, non_blocking=True)
 
     def forward(
         self,
@@ -78,7 +81,8 @@ class NAR(Base):
             proms_list: b x ``(t_prom, 8)`` prompt codes.
             resps_list: b x ``(t_resp, 8)`` response codes.
             quant_levels: ``(b,)`` 0-based level to predict per sample, in ``1..7``; drawn uniformly
-                (from the global torch RNG) when None.
+                when None, on the model's device (from its global torch RNG: on CPU the same draws
+                as ``torch.randint`` on the host).
             prompt_spans: b x ``(start, length)`` or None: response frames that are also the sample's
                 prompt (``prompt_mode=paper``: a segment of the utterance itself). They stay in the
                 input but not in the loss: the prompt gives their answer away.
@@ -87,11 +91,10 @@ class NAR(Base):
         """
         b, device = len(resps_list), self.device
         if quant_levels is None:
-            # drawn on the model's device: a host draw would need a blocking copy
+            # drawn where they are used: no host-to-device copy in the step
             quant_levels = torch.randint(1, self.config.n_resp_levels, (b,), device=device)
         else:
-            self._check_levels(quant_levels)
-            quant_levels = quant_levels.to(device, torch.long)
+            quant_levels = self._given_levels(quant_levels)
         logits, frame_level = self._response_logits(text_list, proms_list, resps_list, quant_levels)
         n_levels = self.config.n_resp_levels
         targets = torch.cat([r[:, :n_levels] for r in resps_list]).gather(1, frame_level[:, None]).squeeze(1)
@@ -110,8 +113,7 @@ class NAR(Base):
         self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor], quant_levels: Tensor
     ) -> list[Tensor]:
         """Per sample, ``(t_resp, n_classes)`` logits for level ``quant_levels[i]``."""
-        self._check_levels(quant_levels)
-        logits, _ = self._response_logits(text_list, proms_list, resps_list, quant_levels.to(self.device, torch.long))
+        logits, _ = self._response_logits(text_list, proms_list, resps_list, self._given_levels(quant_levels))
         return list(logits.split([len(r) for r in resps_list]))
 
     @torch.inference_mode()

@@ -20,10 +20,10 @@ What is counted, under these keys of ``counts``:
   arrive undecomposed as ``aten::item`` / ``aten::is_nonzero``; they are counted under this name.)
 - ``Tensor.tolist``: every value is copied to the host. On a CPU tensor this dispatches no ATen op,
   so it is caught at the Python level (a ``TorchFunctionMode``).
-- ``aten::nonzero`` (also ``nonzero_numpy``, ``argwhere``), ``aten::masked_select``, ``aten::_unique``, ``aten::_unique2``,
-  ``aten::unique_dim``, ``aten::unique_consecutive``, ``aten::unique_dim_consecutive``,
-  ``aten::bincount``: the size of the output depends on the data, so the host reads it back
-  before it can allocate the output.
+- ``aten::nonzero`` (also ``nonzero_numpy``, ``argwhere``), ``aten::masked_select``,
+  ``aten::_unique``, ``aten::_unique2``, ``aten::unique_dim``, ``aten::unique_consecutive``,
+  ``aten::unique_dim_consecutive``, ``aten::bincount``: the size of the output depends on the
+  data, so the host reads it back before it can allocate the output.
 - ``aten::index.Tensor (boolean mask)``, ``aten::index_put_ (boolean mask)``: ``h[mask]`` and
   ``h[mask] = values`` run ``nonzero`` inside. ``h[mask] = scalar`` is not counted: ATen turns
   it into ``masked_fill_``.
@@ -37,7 +37,8 @@ What is counted, under these keys of ``counts``:
   for. Counted when the new tensor has a dimension or lives off the CPU: a 0-dim CPU tensor is how
   PyTorch wraps a Python scalar for an op (``x[i:j] = 0``), and kernels read those on the host.
 - ``aten::_to_copy (blocking transfer)``, ``aten::copy_ (blocking transfer)``: a copy between the
-  CPU and another device without ``non_blocking=True`` (``.cpu()``, ``.to("cuda")``).
+  CPU and another device without ``non_blocking=True`` (``.cpu()``, ``.to("cuda")``): PyTorch
+  waits for the stream after it.
 
 What it cannot see: waits inside one kernel's C++ code (an op that syncs internally under a name
 not listed above) and explicit ``torch.cuda.synchronize()``. On a GPU,
