@@ -962,6 +962,7 @@ def _run(args: argparse.Namespace, codec_weights: str, spkr_name_getter: str) ->
     if codec_weights == "untrained" and ("codec" in rows or "model" in rows or args.sim_against == "codec"):
         print("note: codec_weights=untrained: the codec has random weights, so the codec and model rows are NOT "
               "speech; their WER and SIM only show that the pipeline runs", file=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
     try:
         vocab = vocabulary_of([u.text for u in utts]) if args.asr == "pocketsphinx-vocab" else None
         asr = load_asr(args.asr, device, vocab)

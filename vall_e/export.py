@@ -315,8 +315,9 @@ def previous_export(path: Path, clobber: bool = True) -> str | None:
 def _save(data: dict[str, Any], path: Path) -> None:
     """``torch.save`` through a temporary file and a rename; a full disk is an ``OSError`` naming ``path``.
 
-    Saved into an open file, not a path: torch reports a failed write to a path as a RuntimeError
-    ("unexpected pos"), to a file object as the real ``OSError`` (ENOSPC, EROFS ...).
+    Saved into an open file, not a path: a failed write to a path surfaces only as torch's
+    RuntimeError ("unexpected pos"); to a file object, the real ``OSError`` (ENOSPC, EROFS ...) is
+    raised or, when torch's writer fails again while closing, is that RuntimeError's context.
     """
     import torch
 
@@ -326,8 +327,11 @@ def _save(data: dict[str, Any], path: Path) -> None:
         try:
             with open(tmp, "wb") as f:
                 torch.save(data, f)
-        except OSError as e:
-            raise OSError(e.errno, e.strerror, str(path)) from None
+        except (OSError, RuntimeError) as e:
+            cause = e if isinstance(e, OSError) else e.__context__
+            if not isinstance(cause, OSError) or cause.errno is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 1. An output that is also one of the command's inputs is refused before any work
    (:func:`refuse_inputs`): ``python -m vall_e "<text>" ref.wav ref.wav`` must not destroy the
    recording it was asked to imitate.
-2. Output folders are created and proven writable before the work starts (:func:`writable_folder`,
+2. Output folders are proven writable before the work starts (:func:`writable_folder`,
    :func:`writable_file`), so a read-only disk or a file in the way costs a second, not a whole run.
 3. Outputs are written through a temporary file and a rename (``vall_e.utils.helpers.atomic_path``):
    a failed run never truncates an existing output. Replacing an existing one is said in one line
@@ -70,20 +70,21 @@ def _plain(e: OSError) -> str:
 
 
 def writable_folder(folder: str | Path, flag: str = "output folder") -> Path:
-    """Create ``folder`` (and its parents) and prove that a file can be created in it; returns it.
+    """Prove that files can be created in ``folder`` (or, when it does not exist yet, in its nearest
+    existing parent, where it will be created); returns it.
 
-    The probe is a real file creation (then removed), not ``os.access``, which says yes to root on
-    a read-only mount.
+    Nothing is left behind: a missing folder is not created here, so a command that fails later
+    leaves no empty folder. The probe is a real file creation (then removed), not ``os.access``,
+    which says yes to root on a read-only mount.
 
     Raises:
-        OutputError: the path is a file, a parent is a file, or the folder is read-only, not
-            permitted or full.
+        OutputError: the path or a parent is a file, or the folder is read-only, not permitted or full.
     """
     return _writable(Path(folder), f"{flag} {folder}")
 
 
 def writable_file(path: str | Path, flag: str = "output") -> Path:
-    """Check that file ``path`` can be written: not a folder, and its folder created and writable."""
+    """Check that file ``path`` can be written: not a folder, and its folder writable (see :func:`writable_folder`)."""
     path = Path(path)
     if path.is_dir():
         raise OutputError(f"{flag} {path} is a folder; give a file name inside it, e.g. {path / 'out'}")
@@ -94,18 +95,20 @@ def writable_file(path: str | Path, flag: str = "output") -> Path:
 def _writable(folder: Path, what: str) -> Path:
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{what} is a file, not a folder; give a folder (it is created when missing)")
+    existing = folder
+    while not existing.exists():  # the nearest existing parent is where the folder will be created
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{what}: a part of that path ({existing}) is a file, not a folder; choose another location")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise OutputError(f"{what}: a part of that path is a file, not a folder; choose another location") from None
-    except OSError as e:
-        raise OutputError(f"{what} cannot be created ({_plain(e)}); choose a writable location") from None
-    try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".vall_e-write-test.")
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".vall_e-write-test.")
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise OutputError(f"{what} is not writable ({_plain(e)}); choose a writable location, "
+        where = "" if existing == folder else f" (checked in {existing}, where it would be created)"
+        raise OutputError(f"{what} is not writable{where}: {_plain(e)}; choose a writable location, "
                           "or fix its permissions") from None
     return folder
 
