@@ -1291,4 +1291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .utils.errors import entry_point
+
+    raise SystemExit(entry_point(main)())

@@ -363,8 +363,10 @@ def _strip_launcher_args(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from .utils.errors import entry_point
+
     cfg = Config.from_cli(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
-    raise SystemExit(train(cfg))
+    raise SystemExit(entry_point(train)(cfg))
 
 
 if __name__ == "__main__":
