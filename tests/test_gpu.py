@@ -9,13 +9,13 @@ a half run of the bf16 AR), so each test stays well under a minute on an H200.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
+
+from conftest import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,15 +26,8 @@ TRAIN_TIMEOUT_S = 240
 
 
 def load_gpu_check() -> ModuleType:
-    """``scripts/gpu_check.py`` as a module (scripts/ is not a package)."""
-    if "gpu_check" in sys.modules:
-        return sys.modules["gpu_check"]
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    """``scripts/gpu_check.py`` as a module."""
+    return load_script("gpu_check")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ pure helpers (log parsing, FLOPs/MFU, summaries, command lines the project's CLI
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import logging
@@ -18,19 +17,14 @@ from types import ModuleType
 import pytest
 import torch
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def load_gpu_check() -> ModuleType:
-    """``scripts/gpu_check.py`` as a module (scripts/ is not a package); one instance per process."""
-    if "gpu_check" in sys.modules:
-        return sys.modules["gpu_check"]
-    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    """``scripts/gpu_check.py`` as a module."""
+    return load_script("gpu_check")
 
 
 gc = load_gpu_check()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import gzip
-import importlib.util
 import json
 import logging
 import os
@@ -23,7 +22,6 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from types import ModuleType
 from typing import Iterator
 
 import numpy as np
@@ -41,21 +39,15 @@ from vall_e.utils.errors import entry_point, plain_os_error, torch_load_reason
 from vall_e.utils.outputs import OutputError, refuse_inputs, writable_file, writable_folder
 from vall_e.utils.paths import UnsafeNameError, inside, safe_name
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SYN = ["--max-ar-steps", "5", "--device", "cpu", "codec_weights=untrained", "--seed", "1"]
 EVAL_OFFLINE = ["--asr", "pocketsphinx", "--speaker", "resemblyzer", "--device", "cpu", "--no-progress",
                 "codec_weights=untrained", "--rows", "ground_truth", "--min-seconds", "0"]
 
 
-def _script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-heavy = _script("libriheavy_to_segments")
+heavy = load_script("libriheavy_to_segments")
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .base import RAS_THRESHOLD, RAS_WINDOW, Base, Block, ModelOutput, device_ints, sample_logits, select_spans
 

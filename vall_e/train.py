@@ -189,8 +189,8 @@ def _load_init_from(cfg: Config, model) -> dict[str, int]:
     src = Path(cfg.init_from)
     try:
         # training has no --trust-checkpoint: a refused pickle is exported (by a user who trusts it) first
-        hint = (f"Training loads weights-only. If you wrote that checkpoint yourself, export it with "
-                f"`python -m vall_e.export <out.pt> yaml=<its config> --trust-checkpoint` and set init_from=<out.pt>")
+        hint = ("Training loads weights-only. If you wrote that checkpoint yourself, export it with "
+                "`python -m vall_e.export <out.pt> yaml=<its config> --trust-checkpoint` and set init_from=<out.pt>")
         data = read_inference_file(src) if src.is_file() else read_checkpoint(*_init_source(src), trust_hint=hint)
     except (ExportError, InferenceFileError) as e:
         raise CheckpointError(f"init_from={cfg.init_from}: {e}") from None
