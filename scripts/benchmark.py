@@ -6,6 +6,12 @@ phones, 225 prompt frames and 300 response frames (forward + backward + Adam ste
 runs exactly the stated number of steps (``ignore_stop=True``). Weights are random: speed does not
 depend on them. Each timing is the best of ``--repeats`` runs (the CPU may be shared).
 
+It also counts host syncs (operations that make the host wait for the device, see
+``vall_e/utils/syncs.py``) in untimed runs: ``*_train_syncs`` per training step (forward and
+backward) and ``ar_generate_syncs_150`` for one cached 150-step generation, which asks "all stopped?"
+every step on CPU and every 16th on a GPU and reads the lengths once at the end (151 on CPU, 11 on
+a GPU).
+
     python scripts/benchmark.py                      # CPU, 2 threads, quarter preset
     python scripts/benchmark.py --device cuda --preset full
 """
@@ -24,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from vall_e.models import get_model  # noqa: E402
+from vall_e.utils.syncs import SyncCounter  # noqa: E402
 
 PROMPT_FRAMES, N_PHONES, AUDIO_10S = 225, 40, 750
 TRAIN_BATCH, TRAIN_RESP = 4, 300
@@ -118,6 +125,25 @@ def bench_training(model, device, repeats: int, amp: str = "none") -> float:
     return best_time(step, repeats, device)
 
 
+def count_syncs(ar, nar, device: torch.device) -> dict:
+    """Host syncs of one training forward + backward of each model and of one cached generation."""
+    out: dict = {}
+    text, proms, resps = inputs(TRAIN_BATCH, TRAIN_RESP, device, seed=2)
+    for kind, model in (("ar", ar), ("nar", nar)):
+        model.train()
+        with SyncCounter(device) as c:
+            model(text, proms, resps).loss.backward()
+        model.zero_grad(set_to_none=True)
+        out[f"{kind}_train_syncs"] = c.total
+    ar.eval()
+    text1, proms1, _ = inputs(1, 0, device)
+    g = torch.Generator(device).manual_seed(0)
+    with SyncCounter(device) as c:  # max_lens keeps the stop check on although the stop token is masked
+        ar.generate(text1, proms1, max_steps=150, ignore_stop=True, max_lens=[150], generator=g)
+    out["ar_generate_syncs_150"] = c.total
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -154,6 +180,8 @@ def main(argv=None) -> None:
             seconds = bench_training(model, device, repeats, args.amp)
             result[f"{kind}_train_step_s_{args.amp}"] = seconds
             result[f"{kind}_train_frames_per_s_{args.amp}"] = TRAIN_BATCH * TRAIN_RESP / seconds
+
+    result.update(count_syncs(ar, nar, device))
 
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     if device.type == "cuda":
