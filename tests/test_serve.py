@@ -349,6 +349,28 @@ def test_internal_error_is_a_json_500_with_the_traceback_in_the_log(server, text
     assert "secret internal detail" in logged and "Traceback" in logged and ref in logged
     assert_serves(server, texts)
 
+    # a failure after the stream has begun cannot change the status: the body ends incomplete
+    calls = []
+
+    def fails_later(rows):
+        calls.append(len(rows))
+        if len(calls) > 1:
+            raise RuntimeError("second batch fails")
+        return real(rows)
+
+    batcher.run_batch = fails_later
+    text = " ".join(t if t.endswith((".", "!", "?")) else t + "." for t in texts[1:4])
+    try:
+        with requests.post(f"{server.url}/v1/audio/speech", json={"input": text, "voice": "alice", "max_ar_steps": 6},
+                           stream=True, timeout=60) as r:
+            assert r.status_code == 200 and r.headers["x-streamed"] == "true"
+            with pytest.raises(requests.exceptions.ChunkedEncodingError):
+                for _ in r.iter_content(chunk_size=None):
+                    pass
+    finally:
+        batcher.run_batch = real
+    assert_serves(server, texts)
+
 
 # --------------------------------------------------------------------------------------------
 # the command line, auth

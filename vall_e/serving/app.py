@@ -108,11 +108,14 @@ class Service:
         self.row_batching = supports_rows(synth)
         if not self.row_batching:
             logger.warning("this AR is not plain one-code-per-step VALL-E: requests are synthesized one at a time")
-        self.batcher = Batcher(self.run_rows, settings.max_batch, settings.batch_window_s)
+        self.preparing = 0  # accepted requests whose sentences are being prepared
+        self.batcher = Batcher(self.run_rows, settings.max_batch, settings.batch_window_s,
+                               max_wait_s=max(settings.batch_window_s, 0.25), preparing=lambda: self.preparing)
+        synth.exclusive = self.batcher.call
         # phones and prompt codes are prepared in one thread beside the batcher: g2p and the codec's
         # encoder then never run twice at once, and a bad text is answered while a batch runs
         self.prep = ThreadPoolExecutor(1, thread_name_prefix="vall_e-prep")
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         self._admitted = 0
         self._request_s = 1.0  # moving average of a request's time, for Retry-After
         self.requests = 0
@@ -143,7 +146,7 @@ class Service:
 
     def admit(self) -> bool:
         """Count a request in, unless ``max_queue`` are already in (being synthesized or waiting)."""
-        with self._lock:
+        with self.lock:
             if self._admitted >= self.settings.max_queue:
                 self.refused += 1
                 return False
@@ -152,18 +155,18 @@ class Service:
             return True
 
     def release(self, seconds: Optional[float] = None) -> None:
-        with self._lock:
+        with self.lock:
             self._admitted -= 1
             if seconds is not None:
                 self._request_s = 0.8 * self._request_s + 0.2 * seconds
 
     def retry_after(self) -> int:
         """Seconds after which a refused client may find room: a batch's worth of requests will have finished."""
-        with self._lock:
+        with self.lock:
             return max(1, math.ceil(self._request_s))
 
     def in_flight(self) -> int:
-        with self._lock:
+        with self.lock:
             return self._admitted
 
     def health(self) -> dict[str, Any]:
@@ -523,7 +526,7 @@ async def _speech(service: Service, req: Any) -> Any:
             gate = _Gate(2, lambda: _submit_or_fail(service.batcher, rest))
             jobs[0].on_start = gate.arrive
             service.batcher.submit(jobs[:1])
-            await _prepare(loop, service, rows[1:])
+            await _prepare(loop, service, rows[1:], awaited=False)  # they follow the first, not join it
             gate.arrive()
         else:
             await _prepare(loop, service, rows)
@@ -571,18 +574,29 @@ async def _speech(service: Service, req: Any) -> Any:
             finish()
 
 
-async def _prepare(loop: asyncio.AbstractEventLoop, service: Service, rows: list[Row]) -> None:
-    """Phones and prompt codes of ``rows`` in the preparation thread; bad text is a 400."""
+async def _prepare(loop: asyncio.AbstractEventLoop, service: Service, rows: list[Row], awaited: bool = True) -> None:
+    """Phones and prompt codes of ``rows`` in the preparation thread; bad text is a 400.
+
+    ``awaited``: the batcher may hold a starting batch for these rows (they are submitted right after).
+    """
     from ..inference import SynthesisError
 
     def work() -> None:
         for row in rows:
             service.synth.prepare(row)
 
+    if awaited:
+        with service.lock:
+            service.preparing += 1
     try:
         await loop.run_in_executor(service.prep, work)
     except SynthesisError as e:
         raise ApiError(400, str(e), param="input") from None
+    finally:
+        if awaited:
+            with service.lock:
+                service.preparing -= 1
+            service.batcher.wake()  # it may be waiting for these rows; submitted or not, it can look again
 
 
 class _Gate:

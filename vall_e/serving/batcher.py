@@ -2,11 +2,15 @@
 
 Every sentence of every request becomes a :class:`Job` in one queue. The worker takes up to
 ``max_batch`` jobs at a time, oldest first. A job that finds the worker idle waits at most
-``window_s`` for company (under load the queue is never empty and no one waits for it). A batch
+``window_s`` for company, or up to ``max_wait_s`` while requests that have been accepted are still
+being prepared (their phones and prompts): when a batch ends, its clients send their next requests
+together, and their preparation takes a few milliseconds each, so without this the next batch
+would leave with the first of them alone. A batch
 that fails is retried one job at a time, so one bad sentence fails only its own request.
 
 Only this thread runs the models, so they need no locks; request handlers wait on the jobs'
-futures.
+futures. Other work that must not overlap a batch (encoding a new voice switches process-wide
+precision flags while it runs) goes through :meth:`Batcher.call`, which runs it between batches.
 """
 
 from __future__ import annotations
@@ -40,15 +44,21 @@ class Batcher:
         run_batch: synthesizes a list of rows; returns one result per row, in order.
         max_batch: most jobs per batch.
         window_s: how long a job that arrives at an idle worker waits for others to batch with.
+        max_wait_s: how long it may wait while ``preparing()`` says more jobs are on their way.
+        preparing: how many accepted requests are being prepared now (call :meth:`wake` when it drops).
     """
 
-    def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch: int = 8, window_s: float = 0.02):
+    def __init__(self, run_batch: Callable[[list[Any]], list[Any]], max_batch: int = 8, window_s: float = 0.02,
+                 max_wait_s: float = 0.25, preparing: Callable[[], int] = lambda: 0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1; got {max_batch}")
         self.run_batch = run_batch
         self.max_batch = max_batch
         self.window_s = max(0.0, window_s)
+        self.max_wait_s = max(self.window_s, max_wait_s)
+        self.preparing = preparing
         self._queue: deque[Job] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future]] = deque()
         self._cond = threading.Condition()
         self._held = 0
         self._closing = False
@@ -72,10 +82,12 @@ class Batcher:
             self._closing = True
             left = list(self._queue)
             self._queue.clear()
+            calls = [future for _, future in self._calls]
+            self._calls.clear()
             self._cond.notify_all()
-        for job in left:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
+        for future in [job.future for job in left] + calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(RuntimeError("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -90,6 +102,26 @@ class Batcher:
             for job in jobs:
                 job.queued_at = now
                 self._queue.append(job)
+            self._cond.notify_all()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` in the worker thread between two batches and return its result (or raise its error).
+
+        From the worker thread itself (a batch calling back), ``fn`` simply runs.
+        """
+        if threading.current_thread() is self._thread or self._thread is None:
+            return fn()
+        future: Future = Future()
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the server is shutting down")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future.result()
+
+    def wake(self) -> None:
+        """Look at the queue again (a preparation ended without submitting anything)."""
+        with self._cond:
             self._cond.notify_all()
 
     def pending(self) -> int:
@@ -119,21 +151,29 @@ class Batcher:
                     "waiting_sentences": len(self._queue), "busy_s": round(self.busy_s, 3)}
 
     def _take(self) -> list[Job]:
-        """Wait for work, then up to ``max_batch`` live jobs (oldest first); [] when closing."""
+        """Wait for work, then up to ``max_batch`` live jobs (oldest first); [] when closing.
+
+        Calls (:meth:`call`) waiting meanwhile run first, here, even while new batches are held.
+        """
         with self._cond:
             while True:
-                while (not self._queue or self._held) and not self._closing:
+                while not self._calls and (not self._queue or self._held) and not self._closing:
                     self._cond.wait()
                 if self._closing:
                     return []
-                # give a lone job a moment for company, counted from when it arrived
-                deadline = self._queue[0].queued_at + self.window_s
-                while len(self._queue) < self.max_batch and not self._held and not self._closing:
+                if self._calls:
+                    self._run_calls()
+                    continue
+                # give a lone job a moment for company, counted from when it arrived, and a longer one
+                # while accepted requests are still being prepared
+                first = self._queue[0].queued_at
+                while len(self._queue) < self.max_batch and not self._held and not self._closing and not self._calls:
+                    deadline = first + (self.max_wait_s if self.preparing() > 0 else self.window_s)
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                if self._held or not self._queue:
+                if self._held or not self._queue or self._calls:
                     continue
                 batch = []
                 while self._queue and len(batch) < self.max_batch:
@@ -145,6 +185,20 @@ class Batcher:
                     self.rows += len(batch)
                     self.largest = max(self.largest, len(batch))
                     return batch
+
+    def _run_calls(self) -> None:
+        """Run the waiting calls (with the condition's lock released while each runs)."""
+        while self._calls:
+            fn, future = self._calls.popleft()
+            self._cond.release()
+            try:
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:
+                        future.set_exception(e)
+            finally:
+                self._cond.acquire()
 
     def _loop(self) -> None:
         while True:

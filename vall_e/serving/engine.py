@@ -26,7 +26,7 @@ import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..inference import RAS_THRESHOLD, RAS_WINDOW, Request, Synthesis, SynthesisError, Synthesizer
 from .voices import Voice
@@ -94,6 +94,9 @@ class ServingSynthesizer(Synthesizer):
         super().__init__(*args, **kwargs)
         self.max_voices = max_voices
         self.encodes = 0
+        # how a voice's encoding runs; the server routes it between batches (Batcher.call), because
+        # the codec's exact encoder math switches process-wide precision flags while it runs
+        self.exclusive: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
         self._voice_codes: OrderedDict[tuple, "Tensor"] = OrderedDict()
         self._voice_lock = threading.Lock()
 
@@ -106,13 +109,15 @@ class ServingSynthesizer(Synthesizer):
             if key in self._voice_codes:
                 self._voice_codes.move_to_end(key)
                 return self._voice_codes[key]
-            codes = super().encode_reference(ref_wav.load(), seconds)
+        audio = ref_wav.load()
+        codes = self.exclusive(lambda: Synthesizer.encode_reference(self, audio, seconds))
+        with self._voice_lock:
             self.encodes += 1
             # an entry per (voice, prompt length); a replaced recording's old entries age out
             self._voice_codes[key] = codes
             while len(self._voice_codes) > 2 * self.max_voices:
                 self._voice_codes.popitem(last=False)
-            return codes
+        return codes
 
     def prepare(self, row: Row) -> Row:
         """Phones and prompt codes of one row (:class:`SynthesisError` / ``AudioError`` when it cannot be done)."""
