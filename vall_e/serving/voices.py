@@ -9,6 +9,7 @@ An accepted upload is stored as 24 kHz mono 16-bit WAV, whatever it came as.
 from __future__ import annotations
 
 import io
+import os
 import re
 import threading
 import unicodedata
@@ -45,9 +46,10 @@ def safe_name(name: object, folder: Path) -> str:
             f"invalid voice name {shown!r}: use 1-64 letters, digits, spaces, '_', '-' or '.', starting with a "
             "letter or digit (no '/', '\\', '..')"
         )
-    root = folder.resolve()
+    # lexically, so a recording the operator symlinked into the folder stays usable
+    root = Path(os.path.abspath(folder))
     for suffix in (".wav", ".txt"):
-        if (root / f"{name}{suffix}").resolve().parent != root:
+        if Path(os.path.normpath(root / f"{name}{suffix}")).parent != root:
             raise VoiceError(f"invalid voice name {name!r}: it would leave the voices folder")
     return name
 
