@@ -19,7 +19,11 @@ Output: one JSON line per usable cut, ``{"id", "audio", "start", "end", "text", 
 ``.`` replaced by ``_`` (so ``sea_fairies_0812_librivox_64kb_mp3_01_baum_sea_fairies_64kb_0``):
 chapter file names repeat across one reader's books, so the book stays in the id. Segment times
 are the supervision's, clipped to its cut. Malformed lines are skipped and counted (the first
-few are named); the output is written atomically, so a rerun starts clean.
+few are named, with their line numbers). The output is written to a temporary file and renamed
+only when at least one cut was usable: a failed run (no usable cut, a damaged input, a full disk)
+leaves an existing output as it was, and replacing one is said in one line.
+
+Exit status: 0 done; 2 nothing usable or a file problem (named, with what to do).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, BinaryIO, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-]")
@@ -82,15 +86,35 @@ def convert_cut(cut: dict[str, Any], audio_root: Path, text: str = "cased") -> d
     }
 
 
-def _open(path: Path) -> TextIO:
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
+class CutsError(ValueError):
+    """The cuts file cannot be converted (damaged, or without one usable cut); the message says why.
+
+    ``stats``: the counts so far, when the file was read to its end.
+    """
+
+    def __init__(self, message: str, stats: dict[str, Any] | None = None):
+        super().__init__(message)
+        self.stats = stats
+
+
+def _open(path: Path) -> BinaryIO:
+    """The cuts file as bytes (decoded per line, so one bad line is counted, not fatal)."""
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
 def convert(
     cuts: Path, out: Path, audio_root: Path, text: str = "cased", min_seconds: float = 0.0,
     max_seconds: float = float("inf"),
 ) -> dict[str, Any]:
-    """Convert a cuts file into a segment manifest at ``out`` (atomically); returns the counts."""
+    """Convert a cuts file into a segment manifest at ``out``; returns the counts.
+
+    ``out`` is replaced (atomically) only when at least one cut is usable.
+
+    Raises:
+        CutsError: no usable cut (``stats`` attribute: the counts), or a damaged gzip file.
+    """
+    import zlib
+
     sys.path.insert(0, str(REPO))
     from tqdm import tqdm
 
@@ -100,15 +124,16 @@ def convert(
 
     def rows() -> Iterator[str]:
         with _open(cuts) as f:
-            for n, line in enumerate(tqdm(f, desc="cuts", unit="cut", disable=not sys.stderr.isatty()), 1):
-                if not line.strip():
+            for n, raw in enumerate(tqdm(f, desc="cuts", unit="cut", disable=not sys.stderr.isatty()), 1):
+                if not raw.strip():
                     continue
                 try:
-                    row = convert_cut(json.loads(line), audio_root, text)
-                except ValueError as e:  # json.JSONDecodeError is a ValueError too
+                    row = convert_cut(json.loads(raw.decode("utf-8")), audio_root, text)
+                except ValueError as e:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors too
                     stats["bad"] += 1
                     if len(stats["bad_examples"]) < 5:
-                        stats["bad_examples"].append(f"{cuts}:{n}: {e}")
+                        why = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else str(e)
+                        stats["bad_examples"].append(f"{cuts}:{n}: {why}")
                     continue
                 seconds = row["end"] - row["start"]
                 if seconds < min_seconds:
@@ -119,12 +144,37 @@ def convert(
                     stats["written"] += 1
                     yield json.dumps(row, ensure_ascii=False) + "\n"
 
-    with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(rows())
+    try:
+        with atomic_path(out) as tmp:
+            try:
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.writelines(rows())
+            except OSError as e:
+                if e.filename is not None or isinstance(e, gzip.BadGzipFile):
+                    raise
+                raise OSError(e.errno, e.strerror, str(out)) from None  # a write error: name the output, not the temp
+            if stats["written"] == 0:  # leaves the temporary file to be removed and `out` untouched
+                raise CutsError(f"no usable cuts in {cuts}" + (
+                    f" ({stats['bad']} malformed line(s), e.g. {stats['bad_examples'][0]})" if stats["bad"] else
+                    f" ({stats['too_short']} under --min-seconds, {stats['too_long']} over --max-seconds)"
+                    if stats["too_short"] + stats["too_long"] else "") + f"; {out} was not written", stats)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise CutsError(f"{cuts}: cannot read it as gzip ({e}); download the file again (a *.gz name needs "
+                        "gzip content; rename an uncompressed file to *.jsonl)") from None
     return stats
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line (exit status as in the module docstring), under the project's error policy."""
+    sys.path.insert(0, str(REPO))
+    from vall_e.utils.errors import entry_point
+
+    return entry_point(_main)(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from vall_e.utils.outputs import describe_file, refuse_inputs, writable_file
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cuts", type=Path, help="libriheavy_cuts_<subset>.jsonl.gz (or .jsonl)")
     parser.add_argument("out", type=Path, help="segment manifest to write (.jsonl)")
@@ -143,15 +193,19 @@ def main(argv: list[str] | None = None) -> int:
     if not args.out.name.endswith(".jsonl"):
         print(f"error: {args.out}: name the output *.jsonl (qnt recognizes manifests by that suffix)", file=sys.stderr)
         return 2
+    refuse_inputs(args.out, [("cuts file", args.cuts)], "output")
+    writable_file(args.out, "output")  # before reading a multi-gigabyte input
+    previous = describe_file(args.out) if args.out.is_file() else None
     try:
         stats = convert(args.cuts, args.out, args.audio_root, args.text, args.min_seconds, args.max_seconds)
-    except (OSError, EOFError) as e:  # a truncated .gz, a full disk
+    except CutsError as e:
+        if e.stats is not None:
+            print(json.dumps(e.stats, indent=1))
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(stats, indent=1))
-    if stats["written"] == 0:
-        print(f"error: no usable cuts in {args.cuts}", file=sys.stderr)
-        return 1
+    if previous is not None:
+        print(f"note: replaced {args.out} ({previous}) with {stats['written']} segments", file=sys.stderr)
     return 0
 
 

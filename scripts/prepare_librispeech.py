@@ -36,6 +36,14 @@ def _libritts() -> ModuleType:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line, under the project's error policy (a file problem a user can fix: one line, exit 2)."""
+    sys.path.insert(0, str(REPO))
+    from vall_e.utils.errors import entry_point
+
+    return entry_point(_main)(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subset", default="test-clean", choices=SUBSETS)
     parser.add_argument("--root", type=Path, default=Path("data/LibriSpeech"))
@@ -50,8 +58,14 @@ def main(argv: list[str] | None = None) -> int:
 
     prep = _libritts()
     from vall_e.evaluate import EvalError, build_list, write_list
+    from vall_e.utils.outputs import writable_file, writable_folder
 
+    out = args.list or Path("lists") / f"{args.subset}-{args.min_seconds:g}-{args.max_seconds:g}s.tsv"
     folder = args.root / args.subset
+    if not folder.is_dir():  # before a download of hundreds of megabytes
+        writable_folder(args.root, "--root")
+        writable_folder(args.downloads, "--downloads")
+    writable_file(out, "--list")
     try:
         if not folder.is_dir():
             archive = args.downloads / f"{args.subset}.tar.gz"
@@ -63,7 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     except (prep.PrepError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.list or Path("lists") / f"{args.subset}-{args.min_seconds:g}-{args.max_seconds:g}s.tsv"
     write_list(utts, out)
     hours = sum(u.seconds for u in utts) / 3600
     print(f"{out}: {len(utts)} utterances of {len({u.speaker for u in utts})} speakers, {hours:.2f} h")

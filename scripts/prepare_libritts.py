@@ -217,6 +217,14 @@ def run_tokenizers(folder: Path, nproc: int, g2p_workers: int, overrides: list[s
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line, under the project's error policy (a file problem a user can fix: one line, exit 2)."""
+    sys.path.insert(0, str(REPO))
+    from vall_e.utils.errors import entry_point
+
+    return entry_point(_main)(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     overrides = [w for w in argv if "=" in w and not w.startswith("-")]
     rest = [w for w in argv if w not in overrides]
@@ -237,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown subset(s) {', '.join(unknown)}; choose from {', '.join(SUBSETS)}", file=sys.stderr)
         return 2
     md5 = dict(item.split("=", 1) for item in args.md5 if "=" in item)
+    from vall_e.utils.outputs import writable_folder
+
+    writable_folder(args.root, "--root")  # before a download of gigabytes
+    writable_folder(args.downloads, "--downloads")
     try:
         for subset in args.subsets:
             archive = args.downloads / f"{subset}.tar.gz"

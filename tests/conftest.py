@@ -32,13 +32,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def load_make_corpus() -> ModuleType:
-    """``scripts/make_corpus.py`` as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("make_corpus", REPO / "scripts" / "make_corpus.py")
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (scripts/ is not a package); one instance per process."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
+
+
+def load_make_corpus() -> ModuleType:
+    """``scripts/make_corpus.py`` as a module."""
+    return load_script("make_corpus")
 
 
 @pytest.fixture(scope="session")

@@ -228,3 +228,24 @@ def test_grad_norm_is_unscaled_and_optimizer_names_mean_what_they_say(tmp_path):
     assert got["scaled"] == pytest.approx(got["true"], rel=1e-5), "grad_norm must not carry the fp16 loss scale"
     # adam is Adam (L2 decay in the gradient), adamw is AdamW (decoupled): DeepSpeed alone makes both AdamW
     assert got["adam"] == ["Adam", True, 0.1] and got["adamw"] == ["AdamW", True, 0.1]
+
+
+@pytest.mark.parametrize("launched, device, expected", [(False, "cuda:3", 3), (False, "cuda", 0), (True, "cuda:3", 1),
+                                                        (True, "cuda", 1)])
+def test_the_gpu_a_training_process_takes(monkeypatch, launched, device, expected):
+    """device=cuda:N picks the GPU of a single process; under a launcher LOCAL_RANK does (NCCL needs one GPU per rank)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    chosen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: None)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    monkeypatch.setattr(os, "environ", env)  # init_distributed writes the rendezvous variables: keep them here
+    if launched:
+        for var, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "RANK": "1", "LOCAL_RANK": "1",
+                           "WORLD_SIZE": "2"}.items():
+            monkeypatch.setenv(var, value)
+    distributed.init_distributed(device)
+    assert chosen == [expected]

@@ -219,7 +219,7 @@ def test_full_disk_stops_cleanly(tmp_path: Path) -> None:
             (mnt / f"u{i}.normalized.txt").write_text("hello world\n")  # 5 of the 6 pages
         proc = subprocess.run([sys.executable, "-m", "vall_e.emb.g2p", str(mnt)], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 1 and "no space left on device while writing" in proc.stdout, proc.stdout
+        assert proc.returncode == 2 and "no space left on device while writing" in proc.stdout, proc.stdout
         assert "Traceback" not in proc.stderr and "g2p: " in proc.stdout
         assert not [p for p in mnt.iterdir() if p.name.startswith(".")]
         done = list(mnt.glob("*.phn.txt"))

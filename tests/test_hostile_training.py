@@ -161,3 +161,39 @@ def test_a_full_disk_at_save_is_a_message_and_keeps_the_last_checkpoint(tmp_path
     finally:
         if mounted:
             subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# -- bad codes, damaged shards, loops in the tree ---------------------------------------------------
+
+
+def test_out_of_range_codes_loops_and_a_damaged_shard_do_not_break_training(tmp_path, prepared_corpus):
+    import torch
+
+    from vall_e.corpus import read_codes_file
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(prepared_corpus, corpus, ignore=shutil.ignore_patterns(".vall_e"))
+    victim = sorted(corpus.rglob("*.qnt.pt"))[0]
+    codes = torch.load(victim, weights_only=True)
+    codes[0, 3, 5] = 5000  # a code the embeddings do not have: used to crash training in embedding_bag
+    torch.save(codes, victim)
+    with pytest.raises(ValueError, match="holds the code 5000, outside 0..1023"):
+        read_codes_file(victim)
+    speaker = victim.parent
+    (speaker / "loop").symlink_to("..", target_is_directory=True)  # a folder that contains itself
+    (speaker / "self.qnt.pt").symlink_to("self.qnt.pt")  # a file link that loops
+
+    cfg_path = write_cfg(tmp_path, "ar", corpus, max_iter=2, log_every=1, max_num_val=0)
+    proc = run_train(cfg_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{victim}: holds the code 5000" in proc.stderr
+    assert "a loop" in proc.stderr and "self" in proc.stderr
+
+    shards = sorted((corpus / ".vall_e" / "shards").glob("*.bin"))
+    assert shards
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[: len(data) // 3])  # truncated, as a full disk or a killed copy leaves it
+    proc = run_train(cfg_path, "max_iter=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "are damaged" in proc.stderr and "rebuilding the index" in proc.stderr
+    assert "Traceback" not in proc.stderr

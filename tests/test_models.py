@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vall_e.ar import AR
-from vall_e.base import PRESETS, ModelConfig, sample_logits
+from vall_e.base import PRESETS, ModelConfig, race, sample_logits
 from vall_e.models import build_model, get_model
 from vall_e.nar import NAR
 
@@ -173,6 +173,25 @@ def test_sample_logits():
     peaked = torch.tensor([[5.0, 0.0, 0.0, 0.0]])
     assert all(sample_logits(peaked, 1.0, top_p=0.5, generator=g).item() == 0 for _ in range(20))
 
+
+def test_race_samples_the_distribution():
+    """The exponential race draws token i with probability p_i; it is torch.multinomial's own
+    computation, draw for draw under one seed, without multinomial's host-read validity checks."""
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
+    n = 20000
+    draws = race(p.expand(n, -1), torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=len(p)).float() / n
+    assert (freq - p).abs().max() < 0.015, freq  # about 4 standard deviations at p = 0.5
+    assert freq[-1] == 0  # a zero-probability token is never drawn
+    assert torch.equal(draws, race(p.expand(n, -1), torch.Generator().manual_seed(0)))
+    probs = torch.randn(64, 50, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    expected = torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(2)).squeeze(-1)
+    assert torch.equal(race(probs, torch.Generator().manual_seed(2)), expected)
+    # through sample_logits: top_k=2 renormalizes the two best, keep_token adds its own plain weight
+    logits = p.clamp(min=1e-9).log().expand(n, -1)
+    draws = sample_logits(logits, 1.0, top_k=2, keep_token=3, generator=torch.Generator().manual_seed(3))
+    freq = torch.bincount(draws, minlength=len(p)).float() / n
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.0, 0.05, 0.0]) / 0.85, atol=0.015, rtol=0)
 
 
 def test_repetition_aware_sampling_switches_on_repetition():

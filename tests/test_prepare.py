@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import shutil
 import tarfile
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -21,15 +19,9 @@ import torch
 from vall_e.emb import qnt
 from vall_e.utils.helpers import find_files
 
+from conftest import load_script
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def load_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 prep = load_script("prepare_libritts")

@@ -148,6 +148,21 @@ def test_planted_pickle_is_not_executed_on_resume(base_run, tmp_path, prepared_c
     assert f"checkpoint {ckpt / 'global_step6'} cannot be loaded" in proc.stderr and "at step 4" in proc.stderr
 
 
+def test_a_refused_pickle_in_init_from_says_what_training_can_do(base_run, tmp_path, prepared_corpus):
+    source = tmp_path / "source"
+    shutil.copytree(base_run, source)
+    marker = tmp_path / "pwned"
+    states = source / "global_step6" / "mp_rank_00_model_states.pt"
+    torch.save({**torch.load(states, map_location="cpu", weights_only=True), "payload": _Payload(marker)}, states)
+    for tag in ("global_step2", "global_step4"):
+        shutil.rmtree(source / tag)
+    cfg_path = write_cfg(tmp_path, "ar", prepared_corpus, **FIELDS)
+    err = _user_error(run_train(cfg_path, f"init_from={source}"))
+    assert not marker.exists()
+    assert "which a safe (weights-only) load refuses" in err and "python -m vall_e.export" in err
+    assert "rerun with --trust-checkpoint" not in err and "weights_only=False" not in err
+
+
 class _FullDisk:
     """A stand-in engine whose save writes half a file, then fails like a full disk."""
 
@@ -162,8 +177,9 @@ class _FullDisk:
 def test_interrupted_save_leaves_no_checkpoint(base_run, tmp_path, prepared_corpus):
     ckpt = tmp_path / "ckpts" / "ar"
     shutil.copytree(base_run, ckpt)
-    with pytest.raises(OSError):
+    with pytest.raises(engines.CheckpointError, match="no space left on the device.*global_step6\\) is intact"):
         engines.save_checkpoint(_FullDisk(), ckpt, 8, {}, meta={})
+    assert not list(ckpt.glob(".partial-*"))
     assert engines.checkpoint_tags(ckpt) == ["global_step6", "global_step4", "global_step2"]
     assert (ckpt / "latest").read_text().strip() == "global_step6"
     assert engines.resume_candidates(ckpt)[0] == "global_step6"

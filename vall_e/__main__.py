@@ -7,6 +7,11 @@ Batch mode, one wav per line (named by line number, e.g. ``out/0003.wav``):
 
 Config words such as ``codec_weights=untrained`` are accepted (``help=true`` lists them); a text
 containing ``=`` is still a text. The work is done by :mod:`vall_e.inference`.
+
+Before any synthesis: an output that is also an input (the reference, a model file, the batch
+file) is refused, the output folder must be writable, and in batch mode every bad line (columns,
+empty text, missing or unusable reference, unknown phones) is reported at once. Existing outputs
+are replaced atomically, with a note that names them. Exit status 2 for all of these.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .inference import add_sampling_arguments, sampling_options
+from .utils.errors import entry_point
 
 USAGE_EXAMPLES = """examples:
   python -m vall_e "Hello there." ref.wav out.wav --ar-ckpt zoo/ar.pt --nar-ckpt zoo/nar.pt
@@ -63,37 +69,65 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_batch_file(path: Path, shared_ref: Path | None, shared_ref_text: str | None) -> list[tuple[int, "object"]]:
-    """``(line number, Request)`` for every non-blank line of a ``.txt`` (shared reference) or ``.tsv`` file."""
+def read_batch_file(
+    path: Path, shared_ref: Path | None, shared_ref_text: str | None
+) -> tuple[list[tuple[int, "object"]], list[tuple[int, str]]]:
+    """``(line number, Request)`` for every usable line of a ``.txt`` (shared reference) or ``.tsv`` file,
+    and ``(line number, "path:n: problem")`` for every line that is not (all of them, not the first)."""
     from .inference import Request
 
     if not path.is_file():
         raise UsageError(f"--batch {path}: no such file")
+    if shared_ref is not None and not shared_ref.is_file():
+        raise UsageError(f"reference audio {shared_ref} " + ("is a folder" if shared_ref.is_dir() else "not found"))
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"--batch {path}: cannot read it as UTF-8 text ({e})") from None
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise UsageError(f"--batch {path}: cannot read it ({e.strerror or e})") from None
     tsv = path.suffix.lower() == ".tsv"
-    out = []
-    for n, line in enumerate(lines, start=1):
+    out, bad = [], []
+    for n, raw in enumerate(lines, start=1):
+        where = f"{path}:{n}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append((n, f"{where}: not UTF-8 text; save the file as UTF-8"))
+            continue
         if not line.strip():
             continue
         if not tsv:
-            out.append((n, Request(line.strip(), shared_ref, shared_ref_text, label=f"{path}:{n}")))
+            out.append((n, Request(line.strip(), shared_ref, shared_ref_text, label=where)))
             continue
         cols = line.rstrip("\r\n").split("\t")
         if len(cols) not in (2, 3) or not cols[1].strip():
-            raise UsageError(f"{path}:{n}: expected text<TAB>reference audio[<TAB>reference transcript], got {len(cols)} column(s)")
+            bad.append((n, f"{where}: expected text<TAB>reference audio[<TAB>reference transcript], got "
+                           f"{len(cols)} column(s)" + ("" if len(cols) < 2 or cols[1].strip() else " (an empty reference)")))
+            continue
+        if not cols[0].strip():
+            bad.append((n, f"{where}: the text (first column) is empty"))
+            continue
         ref = Path(cols[1].strip())
         if not ref.is_absolute() and not ref.exists() and (path.parent / ref).exists():
             ref = path.parent / ref  # paths may be relative to the working directory or to the TSV
+        if not ref.is_file():
+            bad.append((n, f"{where}: reference audio {ref} " + ("is a folder" if ref.is_dir() else
+                           f"not found (looked in the working folder and in {path.parent})")))
+            continue
         ref_text = cols[2].strip() if len(cols) == 3 and cols[2].strip() else shared_ref_text
-        out.append((n, Request(cols[0].strip(), ref, ref_text, label=f"{path}:{n}")))
-    if not out:
+        out.append((n, Request(cols[0].strip(), ref, ref_text, label=where)))
+    if not out and not bad:
         raise UsageError(f"--batch {path}: no lines to synthesize")
-    return out
+    return out, bad
 
 
+def _bad_lines_error(path: Path, bad: list[tuple[int, str]]) -> UsageError:
+    """One error listing every bad line of a batch file, in line order."""
+    lines = "\n".join(f"  {msg}" for _, msg in sorted(bad))
+    return UsageError(f"{len(bad)} line(s) of {path} cannot be synthesized; fix them and rerun (nothing was "
+                      f"synthesized):\n{lines}")
+
+
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import Config
 
@@ -114,15 +148,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed: int | None) -> int:
     from .utils.helpers import setup_logging
+    from .utils.outputs import refuse_inputs, writable_file, writable_folder
 
     setup_logging(level=logging.WARNING)
     pos = list(args.args)
+    models = [("AR model (--ar-ckpt)", args.ar_ckpt), ("NAR model (--nar-ckpt)", args.nar_ckpt)]
+    bad: list[tuple[int, str]] = []
     if args.batch is None:
         if len(pos) != 3:
             raise UsageError(f'expected "TEXT" REF.wav OUT.wav, got {len(pos)} argument(s): {pos}')
         text, ref, out = pos[0], Path(pos[1]), Path(pos[2])
         if out.is_dir():
             raise UsageError(f"{out} is a folder; give the output wav's file name (or use --batch for many lines)")
+        refuse_inputs(out, [("reference audio", ref), *models], "output")
+        writable_file(out, "output")  # before the models load and anything is synthesized
         jobs = None
     else:
         tsv = args.batch.suffix.lower() == ".tsv"
@@ -133,7 +172,13 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
         out = Path(pos[-1])
         if out.exists() and not out.is_dir():
             raise UsageError(f"{out} exists and is not a folder; batch mode writes one wav per line into a folder")
-        jobs = read_batch_file(args.batch, None if tsv else Path(pos[0]), args.ref_text)
+        jobs, bad = read_batch_file(args.batch, None if tsv else Path(pos[0]), args.ref_text)
+        if bad and not jobs:
+            raise _bad_lines_error(args.batch, bad)
+        width = max(4, len(str(max(n for n, _ in jobs + bad))))
+        inputs = [("--batch file", args.batch), *models] + [(f"reference of {r.label}", r.ref_wav) for _, r in jobs]
+        refuse_inputs([out / f"{n:0{width}d}.wav" for n, _ in jobs], inputs, "output")
+        writable_folder(out, "output folder")
     if args.ref_text is not None and args.prompt_seconds is not None:
         print("note: with --ref-text the whole reference is the AR's prompt (its transcript must match all of it); "
               "--prompt-seconds then only crops the prompt of a prompt_mode=paper NAR", file=sys.stderr)
@@ -143,6 +188,7 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
     from .emb.qnt import AudioError, CodecUnavailableError, load_codec, write_wav
     from .export import InferenceFileError
     from .inference import Request, SynthesisError, Synthesizer
+    from .utils.outputs import note_replacing
 
     if codec_weights == "untrained":
         print("note: codec_weights=untrained: the codec has random weights, so the output is NOT speech "
@@ -154,13 +200,17 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
         # one-time loads before the clock starts, so the real-time factor measures synthesis alone
         load_codec(codec_weights, synth.device)
         g2p.encode("")
+        if jobs is not None:
+            # every bad line at once, before any synthesis (references are encoded here and cached)
+            bad += [(jobs[i][0], str(e)) for i, e in synth.check_requests([r for _, r in jobs], prompt_seconds)]
+            if bad:
+                raise _bad_lines_error(args.batch, bad)
         t0 = time.perf_counter()
         if jobs is None:
             results = synth.synthesize_batch([Request(text, ref, args.ref_text)], **options)
             names = [out]
         else:
             results = synth.synthesize_batch([r for _, r in jobs], batch_size=args.batch_size, **options)
-            width = max(4, len(str(jobs[-1][0])))
             names = [out / f"{n:0{width}d}.wav" for n, _ in jobs]
         elapsed = time.perf_counter() - t0
     except (SynthesisError, InferenceFileError, AudioError, CodecUnavailableError) as e:
@@ -168,12 +218,17 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
         return 2
 
     status, total, written, cut, guarded = 0, 0.0, 0, 0, 0
+    replaced: list[Path] = []
     for res, path in zip(results, names):
         if res.wav.shape[-1] == 0:
             print(f"error: no audio for {path}: the AR stopped at once; try another --seed or a higher --ar-temp",
                   file=sys.stderr)
             status = 1
             continue
+        if path.is_file():
+            if jobs is None:
+                note_replacing(path)
+            replaced.append(path)
         write_wav(res.wav, res.sample_rate, path)
         total += res.seconds
         written += 1
@@ -181,6 +236,9 @@ def _run(args: argparse.Namespace, codec_weights: str, device: str | None, seed:
         guarded += res.cut == "length_guard"
         if jobs is not None:
             print(f"{path}  {res.seconds:.2f} s" + (f"  (cut by {res.cut} at {res.max_frames} frames)" if res.cut else ""))
+    if replaced and jobs is not None:
+        shown = ", ".join(p.name for p in replaced[:5]) + (" ..." if len(replaced) > 5 else "")
+        print(f"note: replaced {len(replaced)} existing wav(s) in {out} ({shown})", file=sys.stderr)
     if cut:
         print(f"note: {cut} output(s) reached --max-ar-steps {args.max_ar_steps} before the AR's stop token and are cut "
               "there; raise --max-ar-steps if the speech is incomplete", file=sys.stderr)

@@ -7,9 +7,9 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import RAS_THRESHOLD, RAS_WINDOW, Base, Block, ModelOutput, sample_logits, select_spans
+from .base import RAS_THRESHOLD, RAS_WINDOW, Base, Block, ModelOutput, device_ints, sample_logits, select_spans
 
 
 class AR(Base):
@@ -54,9 +54,11 @@ class AR(Base):
         resp_list = [r if r.dim() == 1 else r[:, 0] for r in resps_list]
         lens = [len(r) for r in resp_list]
         resp = torch.cat(resp_list)
-        h, resp_start, _ = self._hidden(text_list, proms_list, self.resp_emb(resp[:, None]), lens)
+        h, seq_lens = self._hidden(text_list, proms_list, self.resp_emb(resp[:, None]), lens)
+        # the second SEP and the t_i codes (the last t_i + 1 positions of each sequence) predict
+        # the codes and the stop token
         counts = [n + 1 for n in lens]
-        logits = self.classifier(select_spans(h, resp_start, torch.tensor(counts, device=h.device)))
+        logits = self.classifier(select_spans(h, [n - c for n, c in zip(seq_lens, counts)], counts))
         stop = resp.new_full((1,), self.stop_token)
         targets = torch.cat([t for r in resp_list for t in (r, stop)])
         return logits, targets, counts
@@ -150,7 +152,7 @@ class AR(Base):
                 raise ValueError(f"max_lens has {len(max_lens)} entries for {b} samples")
             caps = [max(0, min(int(n), max_steps)) for n in max_lens]
             max_steps = max(caps + [1])  # never run past the longest allowed sample
-            limits = torch.tensor(caps, device=self.device)
+            limits = device_ints(caps, self.device)
         history = None
         if ras:
             if ras_window < 1:
@@ -212,8 +214,8 @@ class _CachedDecoder:
         lens = [len(p) for p in prefix_list]
         codes = torch.cat(prefix_list)
         x_list = model._sequences(text_list, proms_list, model.resp_emb(codes[:, None]), lens)
-        seq_lens = torch.tensor([len(x) for x in x_list], device=model.device)
-        b, P, T = len(x_list), int(seq_lens.max()), int(seq_lens.max()) + max_steps
+        seq_lens = [len(x) for x in x_list]
+        b, P, T = len(x_list), max(seq_lens), max(seq_lens) + max_steps
         self.pe = model._positions(T)  # (T, d)
         # left padding by hand: pad_sequence(padding_side=...) needs a newer torch than the rest of the code
         x = x_list[0].new_zeros(b, P, x_list[0].shape[-1])  # (b, P, d)
@@ -223,12 +225,13 @@ class _CachedDecoder:
         self.layers = [(block.step_params(), cache) for block, cache in zip(model.blocks, self.cache.unbind(0))]
         norm = model.norm.ln
         self.head = (norm.weight, norm.bias, norm.eps, model.classifier.w, model.classifier.bias)
-        self.pos = seq_lens.clone()  # position of each sample's next token
+        self.pos = device_ints(seq_lens, x.device)  # position of each sample's next token
         self.col = P  # cache column of the next token (shared)
-        if bool((seq_lens == P).all()):
+        if all(n == P for n in seq_lens):
             prefill_mask, self.step_mask = None, None
         else:
-            valid = torch.arange(T, device=x.device) >= (P - seq_lens)[:, None]  # (b, T) False on padding
+            pad = device_ints([P - n for n in seq_lens], x.device)
+            valid = torch.arange(T, device=x.device) >= pad[:, None]  # (b, T) False on padding
             causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
             # padding rows may only see themselves: a fully masked row would give NaN
             eye = torch.eye(P, dtype=torch.bool, device=x.device)
@@ -268,8 +271,8 @@ class _RecomputeDecoder:
         model = self.model
         lens = [len(r) for r in self.resp_list]
         emb = model.resp_emb(torch.cat(self.resp_list)[:, None])
-        h, _, seq_lens = model._hidden(self.text_list, self.proms_list, emb, lens)
-        return model.classifier(h[torch.arange(len(h), device=h.device), seq_lens - 1])
+        h, seq_lens = model._hidden(self.text_list, self.proms_list, emb, lens)
+        return model.classifier(select_spans(h, [n - 1 for n in seq_lens], [1] * len(seq_lens)))
 
     def step(self, token: Tensor) -> Tensor:
         self.resp_list = [torch.cat([r, t[None]]) for r, t in zip(self.resp_list, token)]

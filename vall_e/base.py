@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -330,6 +330,7 @@ def sample_logits(
 
     ``temperature == 0`` is greedy. ``top_k > 0`` keeps the k most likely tokens; ``top_p < 1`` keeps
     the smallest set whose probability reaches ``top_p`` (nucleus). Without either, no sort is done.
+    Draws are exponential races (:func:`race`): nothing here makes the host wait for the device.
 
     Args:
         keep_token: a token id that ``top_k``/``top_p`` never filter out (the AR's stop token: a small
@@ -360,13 +361,27 @@ def sample_logits(
             logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, -math.inf))
         if keep_token is not None and logits is not plain:
             logits[:, keep_token] = plain[:, keep_token]
-        token = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+        token = race(logits.softmax(-1), generator)
     if history is None:
         return token
     assert plain is not None
-    fallback = torch.multinomial(plain.softmax(-1), 1, generator=generator).squeeze(-1)
+    fallback = race(plain.softmax(-1), generator)
     ratio = (history == token[:, None]).sum(-1) / history.shape[-1]
     return torch.where(ratio > ras_threshold, fallback, token)
+
+
+def race(probs: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """One draw per row of ``probs`` ``(b, c)`` -> ``(b,)``: ``argmax(probs / E)`` with ``E ~ Exp(1)`` i.i.d.
+
+    The exponential race: token ``i`` wins with probability ``probs[i] / sum(probs)``. This is the
+    computation ``torch.multinomial(probs, 1)`` does, draw for draw under the same generator, without
+    its two validity checks: each is a host read, which on a GPU made every decoded token wait for
+    the device. The rows must hold finite, non-negative values with a positive sum (softmax of
+    logits with at least one finite entry per row; the sampling rules above always keep one).
+    """
+    wait = torch.empty_like(probs).exponential_(generator=generator)
+    # Exp(1) can round to 0.0 on CPU (about 2**-53 per value); 0 / 0 would be a NaN, which argmax picks
+    return probs.div(wait.clamp_(min=torch.finfo(wait.dtype).tiny)).argmax(-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -526,26 +541,25 @@ class Base(nn.Module):
         resp_emb: Tensor,
         resp_lens: list[int],
         cond: Optional[Tensor] = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    ) -> tuple[Tensor, list[int]]:
         """Embed, right-pad and run the full sequences.
 
         Returns:
             h: ``(b, t_max, d)`` final hidden states;
-            resp_start: ``(b,)`` index of each sample's second SEP (the token before the response);
-            lens: ``(b,)`` sequence lengths.
+            lengths: b sequence lengths as Python ints (each sequence ends with its response, so
+                a response's span is the tail of its sequence).
         """
         x_list = self._sequences(text_list, proms_list, resp_emb, resp_lens)
         lengths = [len(x) for x in x_list]
-        lens = torch.tensor(lengths, device=self.device)
         x = nn.utils.rnn.pad_sequence(x_list, batch_first=True)  # right padding
         x = x + self._positions(x.shape[1])
         attn_mask = None
         if not self.causal and min(lengths) != max(lengths):
             # bidirectional: hide padding keys; with right padding causal attention already never sees them
+            lens = device_ints(lengths, x.device)
             attn_mask = (torch.arange(x.shape[1], device=x.device) < lens[:, None])[:, None, None, :]
         h = self._body(x, cond, attn_mask, is_causal=self.causal)
-        resp_start = torch.tensor([len(t) + len(p) + 1 for t, p in zip(text_list, proms_list)], device=self.device)
-        return h, resp_start, lens
+        return h, lengths
 
     def _output(self, logits: Tensor, targets: Tensor) -> ModelOutput:
         """Loss and accuracies over flat response ``logits`` ``(n, c)`` and ``targets`` ``(n,)``;
@@ -560,8 +574,30 @@ class Base(nn.Module):
         return ModelOutput(loss=loss, stats={"loss": loss.detach(), "acc": acc, "acc10": acc10})
 
 
-def select_spans(h: Tensor, start: Tensor, length: Tensor) -> Tensor:
-    """Gather ``h[i, start[i] : start[i] + length[i]]`` for every sample, concatenated: ``(sum length, d)``."""
-    t = torch.arange(h.shape[1], device=h.device)
-    keep = (t >= start[:, None]) & (t < (start + length)[:, None])  # (b, t), row-major = sample order
-    return h[keep]
+def arange_cat(ranges: Sequence[tuple[int, int]], device: torch.device) -> Tensor:
+    """``torch.cat([torch.arange(lo, hi) for lo, hi in ranges])`` (int64) on ``device``, in two kernels.
+
+    One ``arange`` up to the largest ``hi`` and one ``cat`` of slices of it: the bounds travel as
+    view offsets, i.e. kernel arguments. ``torch.tensor(list, device="cuda")`` would copy the list
+    from pageable host memory and make the host wait for the device; this never does. Needs
+    ``0 <= lo <= hi``.
+    """
+    ramp = torch.arange(max((hi for _, hi in ranges), default=0), device=device)
+    return torch.cat([ramp[lo:hi] for lo, hi in ranges]) if ranges else ramp
+
+
+def device_ints(values: Sequence[int], device: torch.device) -> Tensor:
+    """``torch.tensor(values, device=device)`` for non-negative ints, without a host-to-device copy
+    (see :func:`arange_cat`)."""
+    return arange_cat([(v, v + 1) for v in values], device)
+
+
+def select_spans(h: Tensor, starts: Sequence[int], counts: Sequence[int]) -> Tensor:
+    """Gather ``h[i, starts[i] : starts[i] + counts[i]]`` for every sample, concatenated: ``(sum counts, d)``.
+
+    One ``index_select`` with a flat index built on the device (:func:`arange_cat`). A boolean mask
+    would have a data-dependent number of rows: its ``nonzero`` makes the host wait, forward and backward.
+    """
+    b, t, d = h.shape
+    index = arange_cat([(i * t + s, i * t + s + c) for i, (s, c) in enumerate(zip(starts, counts))], h.device)
+    return h.reshape(b * t, d).index_select(0, index)

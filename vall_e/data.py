@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .config import Config
-from .corpus import OK, BAD_CODES, BAD_PHONES, NO_PHONES, CorpusIndex, DataError, open_index, read_codes_file
+from .corpus import OK, BAD_CODES, BAD_PHONES, NO_PHONES, CorpusIndex, DataError, open_indexes, read_codes_file
 from .sampler import BucketBatchSampler, Draw, least_prompt_frames, segment_frames_of
 
 _logger = logging.getLogger(__name__)
@@ -165,8 +165,9 @@ def _speakers(corpus: Corpus, cfg: Config) -> tuple[np.ndarray, list[str]]:
     out = []
     probe = "\0probe.qnt.pt"
     for index in corpus.indexes:
-        try:
-            per_dir = [get((index.root / d) / probe) for d in index.meta["dirs"]]
+        used = set(np.unique(np.asarray(index.dir)).tolist()) if len(index) else set()
+        try:  # only folders that hold utterances need a speaker (a shallow corpus root may not have one)
+            per_dir = [get((index.root / d) / probe) if i in used else "" for i, d in enumerate(index.meta["dirs"])]
         except ValueError as e:
             raise DataError(f"spkr_name_getter={cfg.spkr_name_getter!r}: {e}") from None
         if any(s == probe for s in per_dir):  # the getter names the file itself: one speaker per utterance
@@ -458,22 +459,15 @@ class DataBundle:
 def open_corpus(cfg: Config, progress: bool = True) -> tuple[Corpus, list[str]]:
     """Open (building or refreshing as needed) the index of every ``data_dirs`` folder.
 
-    Under a launcher, global rank 0 checks and builds while the other ranks wait, then map what it
-    wrote: one scan, one build, whatever the number of ranks. Returns the corpus and missing folders.
+    Under a launcher one rank per filesystem checks and builds while the others wait, then map what
+    it wrote, and all ranks verify they train on the same corpus (:func:`vall_e.corpus.open_indexes`:
+    shared folders are built once, node-local copies once per node). Returns the corpus and the
+    folders that do not exist.
     """
-    from .utils import distributed
-
     existing = [d for d in cfg.data_dirs if Path(d).is_dir()]
     missing = [d for d in cfg.data_dirs if not Path(d).is_dir()]
-
-    def build(check: str) -> list[CorpusIndex]:
-        return [
-            open_index(d, cfg.index_root, check=check, pack=cfg.pack_codes, rebuild=cfg.index_rebuild and check != "off",
-                       nj=cfg.nj, progress=progress)
-            for d in existing
-        ]
-
-    indexes = distributed.leader_first(lambda: build(cfg.index_check), lambda: build("off"), DataError)
+    indexes = open_indexes(existing, cfg.index_root, check=cfg.index_check, pack=cfg.pack_codes,
+                           rebuild=cfg.index_rebuild, nj=cfg.nj, progress=progress)
     return Corpus(indexes), missing
 
 

@@ -55,6 +55,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 from .inference import add_sampling_arguments, sampling_options
+from .utils.errors import entry_point
+from .utils.outputs import note_replacing, refuse_inputs, writable_file, writable_folder
+from .utils.paths import inside
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -72,7 +75,7 @@ PAPER_ROWS = {  # arXiv 2301.02111 Table 2 (LibriSpeech test-clean 4-10 s): WER 
     "model (continual)": (3.8, 0.508),
 }
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vall_e.evaluate")  # not __name__: stable under python -m
 
 
 class EvalError(ValueError):
@@ -129,6 +132,7 @@ def list_from_librispeech(folder: Path) -> list[Utterance]:
             if not line.strip():
                 continue
             uid, _, text = line.strip().partition(" ")
+            uid = _checked_id(uid, f"{trans}:{n}")  # it names the audio file beside it and the output wavs
             audio = next((trans.parent / (uid + s) for s in (".flac", ".wav") if (trans.parent / (uid + s)).is_file()), None)
             if audio is None or not text.strip():
                 raise EvalError(f"{trans}:{n}: {'no transcript' if audio else f'no audio file {uid}.flac beside it'}; "
@@ -157,8 +161,24 @@ def list_from_corpus(folder: Path, spkr_name_getter: str) -> list[Utterance]:
             speaker = getter(audio)
         except ValueError as e:
             raise EvalError(f"{e}; pass spkr_name_getter='lambda p: p.parts[<int>]' that names the speaker folder") from None
-        out.append(Utterance(audio.name.split(".", 1)[0], audio.resolve(), text, speaker, audio_seconds(audio)))
+        uid = _checked_id(audio.name.split(".", 1)[0], str(audio))
+        out.append(Utterance(uid, audio.resolve(), text, speaker, audio_seconds(audio)))
     return out
+
+
+def _checked_id(uid: str, where: str) -> str:
+    """``uid`` when it can name an output file (``<out>/prompts/<id>.wav``), else an :class:`EvalError`."""
+    from .utils.paths import UnsafeNameError, safe_name
+
+    try:
+        return safe_name(uid, "id", where)
+    except UnsafeNameError as e:
+        raise EvalError(f"{e}; an id names the output wavs (<out>/prompts/<id>.wav), so use plain names "
+                        "such as 1089-134686-0000") from None
+
+
+# the list's seconds pick prompt windows; a value off by more than this from the audio is a wrong list
+SECONDS_TOLERANCE = 0.1
 
 
 def is_librispeech(folder: Path) -> bool:
@@ -235,6 +255,9 @@ def read_list(path: Path) -> list[Utterance]:
             raise EvalError(f"{path}:{n}: expected {len(LIST_COLUMNS)} tab-separated columns "
                             f"({', '.join(LIST_COLUMNS)}), got {len(row)}")
         uid, audio, text, speaker, seconds = (c.strip() for c in row)
+        if not uid or not text or not speaker:
+            raise EvalError(f"{path}:{n}: id, text and speaker must not be empty")
+        uid = _checked_id(uid, f"{path}:{n}")
         audio_path = Path(audio) if Path(audio).is_absolute() else path.resolve().parent / audio
         if not audio_path.is_file():
             raise EvalError(f"{path}:{n}: audio file {audio_path} not found")
@@ -242,8 +265,15 @@ def read_list(path: Path) -> list[Utterance]:
             secs = float(seconds)
         except ValueError:
             raise EvalError(f"{path}:{n}: seconds {seconds!r} is not a number") from None
-        if not uid or not text or not speaker:
-            raise EvalError(f"{path}:{n}: id, text and speaker must not be empty")
+        if not math.isfinite(secs) or secs <= 0:
+            raise EvalError(f"{path}:{n}: seconds {seconds!r} must be a positive number (the audio's duration)")
+        try:
+            actual = audio_seconds(audio_path)  # a header read: the prompt windows must lie inside the audio
+        except EvalError as e:
+            raise EvalError(f"{path}:{n}: {e}") from None
+        if abs(actual - secs) > SECONDS_TOLERANCE:
+            raise EvalError(f"{path}:{n}: seconds {seconds} but {audio_path.name} is {actual:.3f} s long; correct the "
+                            "column, or remake the list with --make-list")
         out.append(Utterance(uid, audio_path.resolve(), text, speaker, secs))
     if not out:
         raise EvalError(f"{path}: the test list has no utterances")
@@ -360,13 +390,17 @@ class ItemCache:
     def __init__(self, path: Path):
         self.path = path
         self.records: dict[tuple[str, int, str], dict[str, Any]] = {}
+        damaged = 0
         if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            # bytes, line by line: a damaged line (torn write, another tool's edit) is recomputed, not fatal
+            for raw in path.read_bytes().splitlines():
                 try:
-                    rec = json.loads(line)
+                    rec = json.loads(raw.decode("utf-8"))
                     self.records[(rec["row"], int(rec["run"]), rec["id"])] = rec
-                except (ValueError, KeyError, TypeError):
-                    continue
+                except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
+                    damaged += bool(raw.strip())
+        if damaged:
+            logger.warning("%s: %d damaged line(s) ignored; their items are computed again", path, damaged)
         self._stale: set[tuple[str, int, str]] = set()  # records found with other settings (recomputed)
 
     @property
@@ -539,7 +573,7 @@ def run_reference_rows(ctx: Context, rows: Sequence[str]) -> None:
             if row == "codec":
                 wav, sr = codec_round_trip(wav, sr, ctx.codec_weights, ctx.device)
                 rel = Path("wavs") / "codec" / f"{u.id}.wav"
-                write_wav(wav, sr, ctx.out / rel)
+                write_wav(wav, sr, inside(ctx.out, ctx.out / rel))
                 files.append(rel.as_posix())
             rec = {"row": row, "run": 0, "id": u.id, "hash": d, "files": files, "prompt": prompt.source,
                    "wav": files[0] if files else str(u.audio), **score(ctx.scorer, u, prompt, wav, sr, ctx.args.mode,
@@ -632,7 +666,7 @@ def run_model_row(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, st
                         wav = torch.cat([pw, wav])
                     name = f"{u.id}.wav" if a.best_of == 1 else f"{u.id}.s{s}.wav"
                     rel = Path("wavs") / "model" / f"run{run}" / name
-                    write_wav(wav, sr, ctx.out / rel)
+                    write_wav(wav, sr, inside(ctx.out, ctx.out / rel))
                     if wav.numel() == 0:  # the AR stopped at once: every word is deleted, no voice
                         n = word_errors(u.text, "").ref_words
                         m = {"hyp": "", "ref_words": n, "sub": 0, "del": n, "ins": 0, "wer": 1.0 if n else 0.0,
@@ -839,6 +873,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@entry_point
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .config import Config
 
@@ -892,8 +927,12 @@ def _run(args: argparse.Namespace, codec_weights: str, spkr_name_getter: str) ->
     if args.make_list is not None:
         if not args.source.is_dir():
             raise EvalError(f"--make-list needs a folder (LibriSpeech test-clean or a corpus), got {args.source}")
+        refuse_inputs(args.make_list, [("source", args.source)], "--make-list")
+        writable_file(args.make_list, "--make-list")
         utts = build_list(args.source, args.min_seconds, args.max_seconds, spkr_name_getter, args.max_utterances,
                           args.seed or 0)
+        if args.make_list.is_file():
+            note_replacing(args.make_list)
         write_list(utts, args.make_list)
         hours = sum(u.seconds for u in utts) / 3600
         print(f"{args.make_list}: {len(utts)} utterances of {len({u.speaker for u in utts})} speakers, {hours:.2f} h "
@@ -902,6 +941,8 @@ def _run(args: argparse.Namespace, codec_weights: str, spkr_name_getter: str) ->
     if args.out is None:
         raise EvalError("--out DIR is required (results, wavs and the resumable cache go there)")
     rows = _check_args(args)
+    refuse_inputs(args.out, [("test list", args.source)], "--out")
+    writable_folder(args.out, "--out")  # before the backends load and anything is scored
     t0 = time.perf_counter()
     utts = load_test_set(args.source, args, spkr_name_getter)
     plan = plan_prompts(utts, args.mode, args.seed, args.prompt_seconds)
@@ -944,7 +985,7 @@ def _run(args: argparse.Namespace, codec_weights: str, spkr_name_getter: str) ->
     # the prompts, to listen to
     for u in ctx.items:
         p = plan[u.id]
-        dest = args.out / "prompts" / f"{u.id}.wav"
+        dest = inside(args.out, args.out / "prompts" / f"{u.id}.wav")
         if not dest.is_file():
             wav, sr = load_wav(p.audio, p.start, p.end)
             qnt.write_wav(wav, sr, dest)

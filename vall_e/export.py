@@ -2,7 +2,7 @@
 
 CLI::
 
-    python -m vall_e.export zoo/ar.pt yaml=config/LibriTTS/ar.yml [key=value ...] [--tag global_step300]
+    python -m vall_e.export zoo/ar.pt yaml=config/LibriTTS/ar.yml [key=value ...] [--tag global_step300] [--no-clobber]
 
 reads the DeepSpeed checkpoint that ``<ckpt_root>/<cfg_name>/latest`` points to (or ``--tag``) and
 writes, atomically, one file that :func:`read_inference_file` (and plain
@@ -35,6 +35,12 @@ scalers); those specific classes are allow-listed with ``torch.serialization.saf
 then loads the file with full unpickling, which runs code from the file: use it only for
 checkpoints you wrote yourself. ZeRO stage 3 keeps the weights partitioned in the optimizer
 shards; they are gathered with DeepSpeed's ``zero_to_fp32`` (which unpickles its shards itself).
+
+Replacing an output: an existing inference file is replaced atomically, and one line says what it
+held (kind, preset, step and the checkpoint it came from), so overwriting an earlier export is
+never silent; ``--no-clobber`` refuses instead. A file at the output path that is not an inference
+file (a training checkpoint, the config, anything unreadable) is never replaced: the command stops
+before reading the checkpoint.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+
+from .utils.errors import entry_point, torch_load_reason
 
 FORMAT_TAG = "vall_e.inference"
 FORMAT_VERSION = 1
@@ -86,7 +94,10 @@ def deepspeed_safe_globals() -> list[Any]:
 # reading DeepSpeed checkpoints
 
 
-def _load_states(path: Path, trust_checkpoint: bool) -> dict[str, Any]:
+TRUST_HINT = "If you wrote this checkpoint yourself, rerun with --trust-checkpoint to load it with full unpickling"
+
+
+def _load_states(path: Path, trust_checkpoint: bool, trust_hint: str = TRUST_HINT) -> dict[str, Any]:
     import torch
 
     if trust_checkpoint:
@@ -99,7 +110,7 @@ def _load_states(path: Path, trust_checkpoint: bool) -> dict[str, Any]:
     if not hasattr(torch.serialization, "safe_globals"):  # the floor in setup.py: added in torch 2.5
         raise ExportError(
             f"{path}: holds DeepSpeed objects whose safe load needs torch >= 2.5 (torch.serialization.safe_globals); "
-            f"this is torch {torch.__version__}. Upgrade torch, or use --trust-checkpoint for your own checkpoints."
+            f"this is torch {torch.__version__}. Upgrade torch. {trust_hint}."
         )
     try:
         with torch.serialization.safe_globals(deepspeed_safe_globals()):
@@ -108,8 +119,7 @@ def _load_states(path: Path, trust_checkpoint: bool) -> dict[str, Any]:
         blocked = re.findall(r"GLOBAL ([\w.]+)", str(e))
         what = f"a pickled object of type {blocked[0]}" if blocked else "pickled Python objects"
         raise ExportError(
-            f"{path}: contains {what}, which a safe (weights-only) load refuses. If you wrote this "
-            "checkpoint yourself, rerun with --trust-checkpoint to load it with full unpickling "
+            f"{path}: contains {what}, which a safe (weights-only) load refuses. {trust_hint} "
             "(never do that for files from elsewhere)."
         ) from None
 
@@ -123,13 +133,17 @@ def _float32(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_checkpoint(ckpt_dir: str | Path, tag: str | None = None, trust_checkpoint: bool = False) -> dict[str, Any]:
+def read_checkpoint(
+    ckpt_dir: str | Path, tag: str | None = None, trust_checkpoint: bool = False, trust_hint: str = TRUST_HINT
+) -> dict[str, Any]:
     """Load a training checkpoint into the inference-file dict (without writing it).
 
     Args:
         ckpt_dir: ``<ckpt_root>/<cfg_name>``, holding ``latest`` and ``<tag>/``.
         tag: checkpoint folder name, e.g. ``global_step300``; None reads ``latest``.
         trust_checkpoint: allow full unpickling of objects the safe load refuses.
+        trust_hint: what the caller's user can do about a refused pickle, in the words of their
+            command (export has ``--trust-checkpoint``; other callers say what works for them).
     Raises:
         ExportError: missing, unreadable or foreign checkpoint; the message says what to do.
     """
@@ -160,12 +174,12 @@ def read_checkpoint(ckpt_dir: str | Path, tag: str | None = None, trust_checkpoi
             f"(checkpoints in {ckpt_dir}: {available or 'none'}). Pass --tag <one of them> or train again."
         )
     try:
-        states = _load_states(states_path, trust_checkpoint)
+        states = _load_states(states_path, trust_checkpoint, trust_hint)
     except ExportError:
         raise
     except Exception as e:
         raise ExportError(
-            f"{states_path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            f"{states_path} cannot be read ({type(e).__name__}: {torch_load_reason(e)}); "
             "the file is corrupt or truncated. Export an earlier checkpoint with --tag, or train again."
         ) from None
     if not isinstance(states, dict) or "module" not in states:
@@ -240,18 +254,84 @@ def check_loads(data: dict[str, Any]) -> None:
 
 
 def export(
-    out_path: str | Path, ckpt_dir: str | Path, tag: str | None = None, trust_checkpoint: bool = False
+    out_path: str | Path, ckpt_dir: str | Path, tag: str | None = None, trust_checkpoint: bool = False,
+    clobber: bool = True,
 ) -> dict[str, Any]:
-    """Export ``ckpt_dir``'s latest (or ``tag``) checkpoint to ``out_path`` atomically; returns what was written."""
-    from .utils.helpers import atomic_torch_save
+    """Export ``ckpt_dir``'s latest (or ``tag``) checkpoint to ``out_path`` atomically; returns what was written.
 
+    An existing inference file at ``out_path`` is replaced with a note on stderr naming what it held
+    (``clobber=False`` refuses instead); any other file there is never replaced (see the module doc).
+
+    Raises:
+        ExportError: an unusable checkpoint, or an output that must not be replaced.
+        vall_e.utils.outputs.OutputError: an output path that cannot be written (a folder, read-only).
+    """
+    from .utils.outputs import writable_file
+
+    out_path = Path(out_path)
+    writable_file(out_path, "output")  # before the (possibly minutes-long) checkpoint read
+    previous = previous_export(out_path, clobber)
     data = read_checkpoint(ckpt_dir, tag, trust_checkpoint)
     try:
         check_loads(data)
     except Exception as e:
         raise ExportError(f"the weights in {data['checkpoint']} do not fit the saved hparams: {e}") from None
-    atomic_torch_save(data, out_path)
+    _save(data, out_path)
+    if previous is not None:
+        print(f"note: replaced {out_path} ({previous})", file=sys.stderr)
     return data
+
+
+def previous_export(path: Path, clobber: bool = True) -> str | None:
+    """What the existing file at ``path`` holds (for the 'replaced' note), or None when there is none.
+
+    Reads only the metadata (``mmap``: the weights are not loaded).
+
+    Raises:
+        ExportError: ``clobber`` is False, or the file is not an inference file (never replaced).
+    """
+    import torch
+
+    if not path.exists():
+        return None
+    if path.stat().st_size == 0:
+        return "an empty file"
+    if not clobber:
+        raise ExportError(f"{path} exists and --no-clobber was given; choose another output name, or drop "
+                          "--no-clobber to replace it")
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        old, reason = None, torch_load_reason(e)
+    else:
+        reason = "no vall_e format tag"
+    if not isinstance(old, dict) or old.get("format") != FORMAT_TAG:
+        raise ExportError(f"{path} exists and is not a vall_e inference file ({reason}), so it is left as it is; "
+                          "choose another output name, or move that file away first")
+    return (f"the {str(old.get('kind', '?')).upper()} {old.get('preset') or ''} export of step {old.get('step', '?')} "
+            f"from {old.get('checkpoint', 'an unknown checkpoint')}").replace("  ", " ")
+
+
+def _save(data: dict[str, Any], path: Path) -> None:
+    """``torch.save`` through a temporary file and a rename; a full disk is an ``OSError`` naming ``path``.
+
+    Saved into an open file, not a path: a failed write to a path surfaces only as torch's
+    RuntimeError ("unexpected pos"); to a file object, the real ``OSError`` (ENOSPC, EROFS ...) is
+    raised or, when torch's writer fails again while closing, is that RuntimeError's context.
+    """
+    import torch
+
+    from .utils.helpers import atomic_path
+
+    with atomic_path(path) as tmp:
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(data, f)
+        except (OSError, RuntimeError) as e:
+            cause = e if isinstance(e, OSError) else e.__context__
+            if not isinstance(cause, OSError) or cause.errno is None:
+                raise
+            raise OSError(cause.errno, cause.strerror, str(path)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,14 +348,15 @@ def read_inference_file(path: str | Path) -> dict[str, Any]:
 
     path = Path(path)
     how = f"export one with `python -m vall_e.export {path} yaml=<the training config>`"
+    if path.is_dir():
+        raise InferenceFileError(f"{path} is a folder; give the exported model file, e.g. {path / 'ar.pt'}")
     if not path.is_file():
         raise InferenceFileError(f"{path}: no such file; {how}")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InferenceFileError(
-            f"{path}: cannot be loaded ({msg[:200]}); the file is corrupt, truncated or not a vall_e "
+            f"{path}: cannot be loaded ({torch_load_reason(e)}); the file is corrupt, truncated or not a vall_e "
             f"inference file. Re-export it: {how}"
         ) from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_TAG:
@@ -306,6 +387,7 @@ def _version() -> str:
 # CLI
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     from .config import Config
 
@@ -324,6 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--trust-checkpoint", action="store_true",
         help="load the checkpoint with full unpickling when the safe load refuses it (only for your own files)",
     )
+    parser.add_argument("--no-clobber", action="store_true",
+                        help="refuse to replace an existing output file (default: replace it atomically, saying "
+                        "what it held)")
     args = parser.parse_args(rest)
     if cfg.yaml_path is None:
         print(
@@ -332,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
     try:
-        data = export(args.out, cfg.ckpt_dir, args.tag, args.trust_checkpoint)
+        data = export(args.out, cfg.ckpt_dir, args.tag, args.trust_checkpoint, clobber=not args.no_clobber)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

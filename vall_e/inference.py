@@ -56,12 +56,31 @@ Decoding safeguards (on the AR):
   exceeds ``ras_threshold`` (paper: 0.1) is redrawn from the plain temperature distribution. It
   only changes anything together with a filter (``top_p < 1`` as in the paper, ``top_k``, or greedy).
 
+Reference checks (:meth:`Synthesizer.encode_reference`), on the part of the reference that becomes
+the prompt:
+
+- shorter than :data:`MIN_REFERENCE_SECONDS` (0.5 s): an error. Under 40 EnCodec frames carry too
+  little of a voice for the output to resemble it, and a user would rather hear that at once than
+  listen to a stranger's voice.
+- longer than :data:`MAX_REFERENCE_SECONDS` (30 s; reached only when the whole reference is the
+  prompt: ``prompt_seconds`` 0/None or a ``ref_text``): an error. Training utterances are at most
+  about 35 s including the target, so such a prompt is out of what the models learned, and the AR's
+  cost grows with the square of its length (a 10-minute prompt ran for minutes on CPU before this
+  check). The fix is one flag (``--prompt-seconds 3``) or a cropped file.
+- silent (peak under :data:`SILENT_PEAK`, -60 dBFS): an error; there is no voice to imitate.
+- a WAV whose header promises more audio than the file holds (an interrupted copy): a warning.
+  What is there is valid audio, and it may well be enough.
+
+Only the prompt's part of a file is decoded, so a long recording with the default 3 s prompt costs
+3 s of decoding.
+
 Reproducibility: the same requests, options and ``seed`` give identical audio (one
 ``torch.Generator`` per batch, seeded ``seed + batch index``) on the same device and software.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -80,6 +99,11 @@ if TYPE_CHECKING:
 RAS_WINDOW = 10
 RAS_THRESHOLD = 0.1
 DEFAULT_PROMPT_SECONDS = 3.0  # the paper's 3 s enrolled recording
+MIN_REFERENCE_SECONDS = 0.5  # shorter prompts carry too little of a voice (see the module docstring)
+MAX_REFERENCE_SECONDS = 30.0  # longer prompts are beyond the training utterances and cost quadratically
+SILENT_PEAK = 1e-3  # -60 dBFS: a prompt whose loudest sample is below this holds no voice
+
+logger = logging.getLogger(__name__)
 SEPARATOR = "_"  # g2p's word separator; joins the reference's and the target's phones
 
 RefAudio = Union[str, Path, "tuple[Tensor, int]"]  # a file, or (waveform (n,) / (channels, n), sample rate)
@@ -87,6 +111,19 @@ RefAudio = Union[str, Path, "tuple[Tensor, int]"]  # a file, or (waveform (n,) /
 
 class SynthesisError(ValueError):
     """A request that cannot be synthesized (empty text, unknown phones, bad options); says what to fix."""
+
+
+class BatchRequestError(SynthesisError):
+    """Several requests of one batch cannot be synthesized; nothing was generated.
+
+    Attributes:
+        errors: ``(request index, error)`` for every bad request, in request order.
+    """
+
+    def __init__(self, errors: "list[tuple[int, Exception]]", total: int):
+        lines = "\n".join(f"  {e}" for _, e in errors)
+        super().__init__(f"{len(errors)} of {total} requests cannot be synthesized (nothing was generated):\n{lines}")
+        self.errors = errors
 
 
 class UnknownPhonesError(SynthesisError):
@@ -305,21 +342,35 @@ class Synthesizer:
         key = None
         if isinstance(ref_wav, (str, Path)):
             path = Path(ref_wav)
+            if path.is_dir():
+                raise qnt.AudioError(f"{path}: is a folder; give the reference audio file")
             if not path.is_file():
                 raise qnt.AudioError(f"{path}: reference audio not found")
             key = (str(path.resolve()), path.stat().st_mtime_ns, seconds)
             if key in self._ref_cache:
                 return self._ref_cache[key]
-            wav, sr = qnt.load_audio(path)
+            total = _audio_seconds(path)
+            _check_prompt_length(min(total, seconds) if seconds is not None else total, str(path), seconds)
+            # decode only the prompt's part (a long recording with a 3 s prompt costs 3 s of decoding), plus a
+            # margin that the resampler's filter reads past the cut, so the codes equal a whole-file load's
+            end = seconds + 0.1 if seconds is not None else None
+            wav, sr = qnt.load_audio(path, None, end if end is not None and end < total else None)
+            name = str(path)
         else:
             if not (isinstance(ref_wav, (tuple, list)) and len(ref_wav) == 2):
                 raise SynthesisError("ref_wav must be an audio file path or a (waveform, sample_rate) pair")
             wav, sr = torch.as_tensor(ref_wav[0]), int(ref_wav[1])
             if wav.numel() == 0:
                 raise SynthesisError("the reference waveform is empty")
+            name = "the reference waveform"
         mono = qnt.to_codec_input(wav, int(sr))  # (n24,): channels averaged, resampled to 24 kHz
         if seconds is not None:
             mono = mono[: max(1, int(round(seconds * qnt.SAMPLE_RATE)))]
+        _check_prompt_length(len(mono) / qnt.SAMPLE_RATE, name, seconds)
+        if float(mono.abs().max()) < SILENT_PEAK:
+            part = f"the first {seconds:g} s of {name}" if seconds is not None else name
+            raise SynthesisError(f"{part} is silent (peak under -60 dBFS): there is no voice to imitate; give a "
+                                 "recording of the speaker" + (", or trim its leading silence" if seconds else ""))
         codes = qnt.encode_batch([mono], device=self.device, codec_weights=self.codec_weights)[0]  # (1, 8, t)
         codes = codes[0].t().contiguous()  # (t, 8)
         if key is not None:
@@ -405,7 +456,7 @@ class Synthesizer:
                         frames_per_phone=float(frames_per_phone))
         if seed is None:
             seed = secrets.randbelow(2**31)
-        prepared = [self._prepare(r, prompt_seconds, i, len(requests)) for i, r in enumerate(requests)]
+        prepared = self._prepare_all(requests, prompt_seconds)
         # longest first: batches of similar length waste less compute on padding
         order = sorted(range(len(prepared)), key=lambda i: -(len(prepared[i]["ar_text"]) + len(prepared[i]["ar_prompt"])
                                                               + len(prepared[i]["prefix"])))
@@ -418,6 +469,40 @@ class Synthesizer:
                 out.seed = seed
                 results[i] = out
         return [r for r in results if r is not None]
+
+    def check_requests(
+        self, requests: Sequence[Request], prompt_seconds: Optional[float] = DEFAULT_PROMPT_SECONDS
+    ) -> list[tuple[int, Exception]]:
+        """``(index, error)`` for every request that cannot be synthesized, in order; nothing is generated.
+
+        Checks what :meth:`synthesize_batch` would refuse (text, phones, reference audio). References
+        are encoded on the way and cached, so a following :meth:`synthesize_batch` reuses the codes.
+        """
+        from .emb.qnt import AudioError
+
+        errors: list[tuple[int, Exception]] = []
+        for i, r in enumerate(requests):
+            try:
+                self._prepare(r, prompt_seconds, i, len(requests))
+            except (SynthesisError, AudioError) as e:
+                errors.append((i, e))
+        return errors
+
+    def _prepare_all(self, requests: Sequence[Request], prompt_seconds: Optional[float]) -> list[dict[str, Any]]:
+        """Every request prepared, or one error naming every bad request (one bad request: its own error)."""
+        from .emb.qnt import AudioError
+
+        prepared, errors = [], []
+        for i, r in enumerate(requests):
+            try:
+                prepared.append(self._prepare(r, prompt_seconds, i, len(requests)))
+            except (SynthesisError, AudioError) as e:
+                errors.append((i, e))
+        if len(errors) == 1:
+            raise errors[0][1]
+        if errors:
+            raise BatchRequestError(errors, len(requests))
+        return prepared
 
     def _prepare(self, req: Request, prompt_seconds: Optional[float], i: int, n: int) -> dict[str, Any]:
         from .emb.qnt import AudioError
@@ -546,6 +631,38 @@ def _check_options(ar_temp: float, nar_temp: float, top_k: int, top_p: float, ma
         raise SynthesisError(f"max_ar_steps must be at least 1; got {max_ar_steps}")
     if batch_size < 1:
         raise SynthesisError(f"batch_size must be at least 1; got {batch_size}")
+
+
+def _audio_seconds(path: Path) -> float:
+    """Duration from the header (no decoding); warns when a WAV holds less than its header promises."""
+    import soundfile as sf
+
+    from .emb.qnt import AudioError
+
+    try:
+        info = sf.info(str(path))
+    except Exception as e:
+        raise AudioError(f"{path}: cannot read audio ({str(e).strip() or type(e).__name__})") from None
+    # libsndfile notes "data : <header size> (should be <bytes present>)" for a cut-off WAV
+    m = re.search(r"data\s*:\s*(\d+)\s*\(should be (\d+)\)", info.extra_info or "")
+    if m and int(m.group(1)) not in (0, 0xFFFFFFFF, 0x7FFFFFFF) and int(m.group(1)) > int(m.group(2)):
+        promised = info.duration * int(m.group(1)) / max(1, int(m.group(2)))
+        logger.warning("%s looks truncated: its header promises %.2f s but the file holds %.2f s; the prompt "
+                       "uses what is there (copy the file again if it was cut off)", path, promised, info.duration)
+    return float(info.duration)
+
+
+def _check_prompt_length(seconds: float, name: str, prompt_seconds: Optional[float]) -> None:
+    """Refuse prompts shorter than MIN_REFERENCE_SECONDS or longer than MAX_REFERENCE_SECONDS (why: module doc)."""
+    if seconds < MIN_REFERENCE_SECONDS:
+        raise SynthesisError(f"{name} is {seconds:.2f} s long; a reference needs at least {MIN_REFERENCE_SECONDS} s "
+                             "of the speaker (3 s as in the paper is best): give a longer recording")
+    if seconds > MAX_REFERENCE_SECONDS:
+        raise SynthesisError(
+            f"{name} is {seconds:.0f} s long and all of it would be the prompt (prompt_seconds 0, or a reference "
+            f"transcript); prompts over {MAX_REFERENCE_SECONDS:.0f} s are beyond what the models trained on and cost "
+            "quadratic time: use its first seconds (--prompt-seconds 3 on the command line, prompt_seconds=3 in "
+            "Python), or crop the recording (and its transcript)")
 
 
 def _extra_args(e: SynthesisError) -> tuple:

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .base import IGNORE, Base, ModelOutput, sample_logits, select_spans
+from .base import IGNORE, Base, ModelOutput, arange_cat, device_ints, sample_logits, select_spans
 
 
 class NAR(Base):
@@ -32,8 +32,9 @@ class NAR(Base):
 
     def _response_logits(
         self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor], quant_levels: Tensor
-    ) -> Tensor:
-        """Logits ``(sum t_resp, n_classes)`` predicting level ``quant_levels[i]`` of every response frame.
+    ) -> tuple[Tensor, Tensor]:
+        """Logits ``(n, n_classes)`` predicting level ``quant_levels[i]`` of every response frame
+        (``n = sum t_resp``, samples in order), and that level per frame ``(n,)``.
 
         ``resps_list[i]`` is ``(t_resp, l)`` with at least ``quant_levels[i]`` levels; levels from
         ``quant_levels[i]`` on are ignored.
@@ -41,16 +42,29 @@ class NAR(Base):
         lens = [len(r) for r in resps_list]
         n_in = self.n_input_levels
         codes = torch.cat([r[:, :n_in] for r in resps_list])  # (n, <= n_in)
-        row_level = quant_levels.repeat_interleave(torch.tensor(lens, device=quant_levels.device))
-        hidden_level = torch.arange(codes.shape[1], device=codes.device) >= row_level[:, None]
+        frame_level = quant_levels.repeat_interleave(device_ints(lens, codes.device), output_size=len(codes))
+        hidden_level = torch.arange(codes.shape[1], device=codes.device) >= frame_level[:, None]
         codes = codes.masked_fill(hidden_level, -1)  # -1 = leave this level out of the sum
-        h, resp_start, _ = self._hidden(text_list, proms_list, self.resp_emb(codes), lens, cond=quant_levels - 1)
-        return self.classifier(select_spans(h, resp_start + 1, torch.tensor(lens, device=h.device)))
+        h, seq_lens = self._hidden(text_list, proms_list, self.resp_emb(codes), lens, cond=quant_levels - 1)
+        # the responses are the last t_resp positions of each sequence
+        logits = self.classifier(select_spans(h, [n - t for n, t in zip(seq_lens, lens)], lens))
+        return logits, frame_level
 
-    def _check_levels(self, quant_levels: Tensor) -> None:
-        if bool(((quant_levels < 1) | (quant_levels >= self.config.n_resp_levels)).any()):
-            top = self.config.n_resp_levels - 1
+    def _given_levels(self, quant_levels: Tensor) -> Tensor:
+        """Levels a caller gives, checked to be within ``1..n_resp_levels - 1``, as int64 on the model's device.
+
+        Levels on the CPU are checked there, for free. Levels already on an accelerator are checked
+        by the device (``torch._assert_async``): reading them back would make the host wait for it.
+        Host levels travel with ``non_blocking``: the host stages them and moves on instead of
+        waiting for the device to finish its queue.
+        """
+        top = self.config.n_resp_levels - 1
+        bad = ((quant_levels < 1) | (quant_levels > top)).any()
+        if quant_levels.device.type != "cpu":
+            torch._assert_async(~bad, f"quant_levels must be within 1..{top}")
+        elif bool(bad):
             raise ValueError(f"quant_levels must be within 1..{top}, got {quant_levels.tolist()}")
+        return quant_levels.to(self.device, torch.long, non_blocking=True)
 
     def forward(
         self,
@@ -67,7 +81,8 @@ class NAR(Base):
             proms_list: b x ``(t_prom, 8)`` prompt codes.
             resps_list: b x ``(t_resp, 8)`` response codes.
             quant_levels: ``(b,)`` 0-based level to predict per sample, in ``1..7``; drawn uniformly
-                (from the global torch RNG) when None.
+                when None, on the model's device (from its global torch RNG: on CPU the same draws
+                as ``torch.randint`` on the host).
             prompt_spans: b x ``(start, length)`` or None: response frames that are also the sample's
                 prompt (``prompt_mode=paper``: a segment of the utterance itself). They stay in the
                 input but not in the loss: the prompt gives their answer away.
@@ -76,26 +91,29 @@ class NAR(Base):
         """
         b, device = len(resps_list), self.device
         if quant_levels is None:
-            quant_levels = torch.randint(1, self.config.n_resp_levels, (b,))
-        quant_levels = quant_levels.to(device)
-        self._check_levels(quant_levels)
-        logits = self._response_logits(text_list, proms_list, resps_list, quant_levels)
-        targets = [r[:, l] for r, l in zip(resps_list, quant_levels.tolist())]
+            # drawn where they are used: no host-to-device copy in the step
+            quant_levels = torch.randint(1, self.config.n_resp_levels, (b,), device=device)
+        else:
+            quant_levels = self._given_levels(quant_levels)
+        logits, frame_level = self._response_logits(text_list, proms_list, resps_list, quant_levels)
+        n_levels = self.config.n_resp_levels
+        targets = torch.cat([r[:, :n_levels] for r in resps_list]).gather(1, frame_level[:, None]).squeeze(1)
         if prompt_spans is not None:
-            for i, span in enumerate(prompt_spans):
+            ranges, offset = [], 0
+            for r, span in zip(resps_list, prompt_spans):
                 if span is not None:
                     start, length = span
-                    targets[i] = targets[i].clone()
-                    targets[i][start : start + length] = IGNORE
-        return self._output(logits, torch.cat(targets))
+                    lo, hi, _ = slice(start, start + length).indices(len(r))  # r[start : start + length]
+                    ranges.append((offset + lo, offset + max(lo, hi)))
+                offset += len(r)
+            targets = targets.index_fill(0, arange_cat(ranges, targets.device), IGNORE)
+        return self._output(logits, targets)
 
     def logits(
         self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor], quant_levels: Tensor
     ) -> list[Tensor]:
         """Per sample, ``(t_resp, n_classes)`` logits for level ``quant_levels[i]``."""
-        quant_levels = quant_levels.to(self.device)
-        self._check_levels(quant_levels)
-        logits = self._response_logits(text_list, proms_list, resps_list, quant_levels)
+        logits, _ = self._response_logits(text_list, proms_list, resps_list, self._given_levels(quant_levels))
         return list(logits.split([len(r) for r in resps_list]))
 
     @torch.inference_mode()
@@ -136,7 +154,7 @@ class NAR(Base):
         try:
             for level in range(known.pop(), max_levels):
                 quant_levels = torch.full((len(resps_list),), level, device=self.device)
-                logits = self._response_logits(text_list, proms_list, resps_list, quant_levels)
+                logits, _ = self._response_logits(text_list, proms_list, resps_list, quant_levels)
                 codes = sample_logits(logits, temperature, generator=generator).split(lens)
                 resps_list = [torch.cat([r, c[:, None]], dim=1) for r, c in zip(resps_list, codes)]
         finally:

@@ -188,7 +188,10 @@ def _load_init_from(cfg: Config, model) -> dict[str, int]:
 
     src = Path(cfg.init_from)
     try:
-        data = read_inference_file(src) if src.is_file() else read_checkpoint(*_init_source(src))
+        # training has no --trust-checkpoint: a refused pickle is exported (by a user who trusts it) first
+        hint = ("Training loads weights-only. If you wrote that checkpoint yourself, export it with "
+                "`python -m vall_e.export <out.pt> yaml=<its config> --trust-checkpoint` and set init_from=<out.pt>")
+        data = read_inference_file(src) if src.is_file() else read_checkpoint(*_init_source(src), trust_hint=hint)
     except (ExportError, InferenceFileError) as e:
         raise CheckpointError(f"init_from={cfg.init_from}: {e}") from None
     diff = _architecture_differences(data["hparams"], model.hparams)
@@ -335,7 +338,14 @@ def _train(cfg: Config) -> int:
         evaluate=Evaluator(cfg, engine, data),
         state=state,
     )
-    status = trainer.run()
+    try:
+        status = trainer.run()
+    except DataError as e:  # the corpus changed under a running job (e.g. a damaged shard)
+        text = str(e).strip()
+        if "Traceback" in text:  # a loader worker's error arrives with its traceback as text: keep the message
+            text = text.splitlines()[-1].partition("DataError: ")[2] or text.splitlines()[-1]
+        _logger.error("%s", text)
+        return 2
     distributed.barrier()
     return status
 
@@ -356,8 +366,10 @@ def _strip_launcher_args(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    from .utils.errors import entry_point
+
     cfg = Config.from_cli(_strip_launcher_args(sys.argv[1:] if argv is None else argv))
-    raise SystemExit(train(cfg))
+    raise SystemExit(entry_point(train)(cfg))
 
 
 if __name__ == "__main__":

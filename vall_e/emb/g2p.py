@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..utils.distributed import gather_to_rank0, init_gloo_for_summary
+from ..utils.errors import entry_point
 from ..utils.helpers import (
     atomic_write_text,
     balanced_shards,
@@ -417,9 +418,11 @@ def phonemize_folder(
     return summary
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (1 when any transcript failed or writing stopped,
-    2 on a setup error such as an empty folder). Under torchrun, rank 0 prints the merged summary."""
+    """CLI entry point; returns the exit status (1 when any transcript failed, 2 on a setup error such
+    as an empty folder or when a write error stopped the run). Under torchrun, rank 0 prints the
+    merged summary."""
     from ..config import Config
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -455,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         dist.destroy_process_group()
     if gathered is None:
-        return 0 if summary.ok else 1
+        return 2 if summary.stopped else (0 if summary.ok else 1)
     total = Summary(ranks=len(gathered), found=gathered[0].found)
     for s in gathered:
         total.merge(s)
@@ -466,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if world > 1 and not merged:
         print(f"(rank {rank} of {world}: this shard only; start ranks with torchrun to get one merged summary)")
     print(total.report())
-    return 0 if total.ok else 1
+    # a write error (full disk, read-only) stopped the run: a rerun repeats it until fixed, so 2
+    return 2 if total.stopped else (0 if total.ok else 1)
 
 
 if __name__ == "__main__":

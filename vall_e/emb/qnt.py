@@ -77,6 +77,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..utils.distributed import gather_to_rank0, init_gloo_for_summary
+from ..utils.errors import entry_point, torch_load_reason
+from ..utils.outputs import refuse_inputs, writable_file, writable_folder
 from ..utils.helpers import (
     atomic_path,
     atomic_write_bytes,
@@ -87,6 +89,7 @@ from ..utils.helpers import (
     sibling,
     utterance_id,
 )
+from ..utils.paths import inside, name_problem
 from .g2p import TEXT_SUFFIX  # transcripts written beside manifest segments, read by g2p
 
 if TYPE_CHECKING:
@@ -197,7 +200,8 @@ def _build(key: str) -> "EncodecModel":
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise CodecUnavailableError(
-                f"codec_weights={key!r} cannot be read as a torch state dict (weights_only): {e}"
+                f"codec_weights={key!r} cannot be read as a torch state dict ({torch_load_reason(e)}); give an "
+                "EnCodec 24 kHz checkpoint of plain tensors, or codec_weights=pretrained|untrained"
             ) from e
         model = _new_model(pretrained=False)
         try:
@@ -324,6 +328,11 @@ def load_audio(
     import torch
 
     path = Path(path)
+    # libsndfile says "System error." for these; name what is wrong instead
+    if not path.exists():
+        raise AudioError(f"{path}: audio file not found" + ("" if path.is_absolute() else f" (looked in {path.resolve().parent})"))
+    if path.is_dir():
+        raise AudioError(f"{path}: is a folder, not an audio file")
     if path.is_file() and path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes)")
     try:
@@ -687,7 +696,6 @@ def _sf_format(path: str | Path) -> str:
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 MAX_WHOLE_SECONDS = 120.0  # longer files are refused without a segment manifest (memory bound)
-_SAFE_NAME = re.compile(r"^[^/\\.\x00][^/\\\x00]*$")
 
 
 class WriteError(OSError):
@@ -853,60 +861,136 @@ def read_manifest(
 
     Each line: ``{"id", "audio", "start", "end", "text", "speaker"}``; relative ``audio`` paths
     are taken from the manifest's folder. Outputs: ``<out>/<speaker>/<id>.qnt.pt`` and
-    ``<id>.normalized.txt``. Bad lines are failed with their line number; two lines with one
-    ``<speaker>/<id>`` are both failed, naming both.
+    ``<id>.normalized.txt``. Bad lines are failed with their line number (a line that is not UTF-8,
+    not JSON, lacks a field, or has a field of the wrong type: ``text`` and ``audio`` are strings,
+    ``id`` and ``speaker`` strings or integers, ``start`` and ``end`` finite numbers); two lines
+    with one ``<speaker>/<id>`` are both failed, naming both.
+
+    Raises:
+        ValueError: the file cannot be read as a whole (not gzip though named ``.gz``, truncated
+            gzip); the message names the file.
     """
     import gzip
     import json
+    import zlib
 
     manifest = Path(manifest)
-    out_folder = Path(out_folder)
-    opener = gzip.open if manifest.name.endswith(".gz") else open
-    items: dict[Path, Item] = {}  # by output; insertion order is manifest order
-    line_of: dict[Path, int] = {}  # output -> the first line that names it
-    collided: set[Path] = set()
-    failed: list[tuple[str, str]] = []
+    plan = _ManifestPlan(manifest, Path(out_folder), max_seconds)
     n = 0
-    with opener(manifest, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{manifest}:{n}"
-            try:
-                row = json.loads(line)
-                uid, spk, audio = str(row["id"]), str(row["speaker"]), str(row["audio"])
-                start, end, text = float(row["start"]), float(row["end"]), str(row["text"])
-            except (ValueError, KeyError, TypeError) as e:
-                failed.append((where, f"not a segment line ({type(e).__name__}: {e}); expected JSON with "
-                               "id, audio, start, end, text, speaker"))
-                continue
-            problem = _segment_problem(uid, spk, start, end, max_seconds)
-            if problem:
-                failed.append((where, problem))
-                continue
-            out = out_folder / spk / f"{uid}{QNT_SUFFIX}"
-            if out in line_of:  # both lines fail: which one is right is unknown
-                reason = (f"id collision: lines {line_of[out]} and {n} of {manifest} both write {out}; "
-                          "give each segment a unique id per speaker")
-                failed.append((where, reason))
-                if out not in collided:
-                    collided.add(out)
-                    failed.append((f"{manifest}:{line_of[out]}", reason))
-                    del items[out]
-                continue
-            path = Path(audio).expanduser()
-            if not path.is_absolute():
-                path = manifest.parent / path
-            line_of[out] = n
-            items[out] = Item(path, out, end - start, start, end, text, f"{where} ({uid})")
-    return list(items.values()), failed, n
+    try:
+        f = gzip.open(manifest, "rb") if manifest.name.lower().endswith(".gz") else open(manifest, "rb")
+        with f:
+            for n, raw in enumerate(f, 1):  # bytes: one undecodable line fails alone, with its number
+                if not raw.strip():
+                    continue
+                where = f"{manifest}:{n}"
+                try:
+                    fields = _segment_fields(json.loads(raw.decode("utf-8")))
+                except UnicodeDecodeError:
+                    plan.failed.append((where, "not UTF-8 text; save the manifest as UTF-8"))
+                    continue
+                except _FieldError as e:
+                    plan.failed.append((where, f"{e}; {_LINE_FORM}"))
+                    continue
+                except ValueError as e:  # json.JSONDecodeError
+                    plan.failed.append((where, f"not JSON ({e}); {_LINE_FORM}"))
+                    continue
+                plan.add(n, where, *fields)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise ValueError(f"{manifest}: cannot read it as gzip ({e}); a *.gz manifest must be gzip-compressed "
+                         "and complete: download or compress it again") from None
+    return list(plan.items.values()), plan.failed, n
+
+
+_LINE_FORM = 'each line is {"id": str, "audio": path, "start": s, "end": s, "text": str, "speaker": str}'
+
+
+class _FieldError(ValueError):
+    """A manifest line with a missing field or a field of the wrong type."""
+
+
+def _segment_fields(row: Any) -> tuple[str, str, str, float, float, str]:
+    """``(id, speaker, audio, start, end, text)`` of one parsed manifest line, types checked.
+
+    ``text`` and ``audio`` must be strings (``str(None)`` would open a file named ``None`` and
+    write the transcript ``None``); ``id`` and ``speaker`` strings or integers (speaker ``100``);
+    ``start`` and ``end`` finite numbers of seconds (numeric strings are accepted).
+    """
+    if not isinstance(row, dict):
+        raise _FieldError(f"the line is {_json_type(row)}, not an object")
+    missing = [k for k in ("id", "audio", "start", "end", "text", "speaker") if k not in row]
+    if missing:
+        raise _FieldError(f"missing field(s) {', '.join(missing)}")
+    for key in ("id", "speaker"):
+        if isinstance(row[key], bool) or not isinstance(row[key], (str, int)):
+            raise _FieldError(f"{key} must be a string, got {_json_type(row[key])}")
+    for key in ("audio", "text"):
+        if not isinstance(row[key], str):
+            raise _FieldError(f"{key} must be a string, got {_json_type(row[key])}")
+    times = []
+    for key in ("start", "end"):
+        value = row[key]
+        try:
+            seconds = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else math.nan
+        except ValueError:
+            seconds = math.nan
+        if not math.isfinite(seconds):
+            raise _FieldError(f"{key} must be a finite number of seconds, got {value!r}")
+        times.append(seconds)
+    return str(row["id"]), str(row["speaker"]), row["audio"], times[0], times[1], row["text"]
+
+
+def _json_type(value: Any) -> str:
+    """JSON's name for the type of a parsed value (``null``, ``a number``, ``an array`` ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number"}.get(
+        type(value), type(value).__name__)
+
+
+@dataclass
+class _ManifestPlan:
+    """The items of a manifest being read, by output path (insertion order is manifest order)."""
+
+    manifest: Path
+    out_folder: Path
+    max_seconds: float
+    items: dict[Path, Item] = field(default_factory=dict)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    line_of: dict[Path, int] = field(default_factory=dict)  # output -> the first line that names it
+    collided: set[Path] = field(default_factory=set)
+
+    def add(self, n: int, where: str, uid: str, spk: str, audio: str, start: float, end: float, text: str) -> None:
+        """Plan one type-checked line, or fail it (and the line it collides with)."""
+        problem = _segment_problem(uid, spk, start, end, self.max_seconds)
+        if problem:
+            self.failed.append((where, problem))
+            return
+        out = inside(self.out_folder, self.out_folder / spk / f"{uid}{QNT_SUFFIX}")
+        if out in self.line_of:  # both lines fail: which one is right is unknown
+            reason = (f"id collision: lines {self.line_of[out]} and {n} of {self.manifest} both write {out}; "
+                      "give each segment a unique id per speaker")
+            self.failed.append((where, reason))
+            if out not in self.collided:
+                self.collided.add(out)
+                self.failed.append((f"{self.manifest}:{self.line_of[out]}", reason))
+                del self.items[out]
+            return
+        path = Path(audio).expanduser()
+        if not path.is_absolute():
+            path = self.manifest.parent / path
+        self.line_of[out] = n
+        self.items[out] = Item(path, out, end - start, start, end, text, f"{where} ({uid})")
 
 
 def _segment_problem(uid: str, speaker: str, start: float, end: float, max_seconds: float) -> str | None:
     """What is wrong with a manifest line's names and times, or None."""
     for what, value in (("id", uid), ("speaker", speaker)):
-        if not _SAFE_NAME.match(value) or value == "..":
-            return f"{what} {value!r} cannot be a file name (no '/', '\\' or leading dot)"
+        problem = name_problem(value)  # the project's one rule for names that become paths
+        if problem:
+            return f"{what} {value!r} cannot be a file name: it {problem}"
     if "." in uid:
         return f"id {uid!r} contains a dot: an utterance id is the name before the first dot; replace the dots"
     if not 0 <= start < end:
@@ -934,8 +1018,8 @@ class _AudioSet:
         try:
             wav, sr = load_audio(item.audio, item.start, item.end)
             return i, to_codec_input(wav, sr), None
-        except AudioError as e:
-            return i, None, str(e).removeprefix(f"{item.audio}: ")
+        except AudioError as e:  # a folder's item is named by its audio path already; a segment's is not
+            return i, None, str(e).removeprefix(f"{item.audio}: ") if not item.origin else str(e)
         except Exception as e:  # e.g. a resampler error: report, never kill the run
             return i, None, f"cannot load audio ({type(e).__name__}: {e})"
 
@@ -1188,9 +1272,10 @@ def is_manifest(path: str | Path) -> bool:
     return path.is_file() and path.name.lower().endswith((".jsonl", ".jsonl.gz"))
 
 
+@entry_point
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status (1 when any input failed or writing stopped, 2 on a
-    setup error). Under torchrun every rank runs this; rank 0 prints the merged summary."""
+    """CLI entry point; returns the exit status (1 when any input failed, 2 on a setup error or when a
+    write error stopped the run). Under torchrun every rank runs this; rank 0 prints the merged summary."""
     import json
 
     import torch
@@ -1241,6 +1326,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: an output folder is only for segment manifests (*.jsonl); codes of a folder "
               f"are written beside its audio files. Got {args.source} {args.out}", file=sys.stderr)
         return 2
+    # outputs are checked before the codec loads: a read-only or misnamed target costs a second
+    if manifest:
+        refuse_inputs(args.out, [("manifest", args.source)], "output folder")
+        writable_folder(args.out, "output folder")
+    if args.summary_json is not None:
+        refuse_inputs(args.summary_json, [("manifest" if manifest else "corpus", args.source)], "--summary-json")
+        writable_file(args.summary_json, "--summary-json")
     try:
         rank, world, local_rank = dist_env()
     except ValueError as e:
@@ -1267,7 +1359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         dist.destroy_process_group()
     if gathered is None:  # other ranks: rank 0 reports for everyone
-        return 0 if summary.ok and setup_error is None else 1
+        return _status(summary) if setup_error is None else 2
     errors = [err for _, err in gathered if err]
     total = Summary(ranks=len(gathered), found=gathered[0][0].found)
     for s, _ in gathered:
@@ -1292,7 +1384,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds_of_audio": total.seconds_of_audio, "wall_seconds": total.wall_seconds,
             "per_rank_written": [s.written for s, _ in gathered],
         }, indent=1).encode(), args.summary_json)
-    return 0 if total.ok else 1
+    return _status(total)
+
+
+def _status(summary: Summary) -> int:
+    """0: all done; 1: some inputs failed (the rest are written); 2: a write error stopped the run,
+    which a rerun would repeat until the disk is fixed (``scripts/run.sh`` does not restart 2)."""
+    return 2 if summary.stopped else (0 if summary.ok else 1)
 
 
 if __name__ == "__main__":

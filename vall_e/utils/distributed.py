@@ -23,7 +23,10 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -118,47 +121,6 @@ def barrier() -> None:
 
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-_leader_first_calls = 0
-
-
-def leader_first(on_leader: Callable[[], Any], on_others: Callable[[], Any], error_type: type = Exception) -> Any:
-    """Run ``on_leader`` on global rank 0 while the other ranks wait, then ``on_others`` on them.
-
-    For one-time work such as building a shared index: the others map the result instead of
-    redoing it. They wait on the rendezvous store, not in a collective, so a long build (the first
-    index of a large corpus) does not hit the process group's timeout. An ``error_type`` raised on
-    the leader is raised on every rank with the same message, so all exit alike.
-    """
-    import datetime
-
-    import torch.distributed as dist
-
-    global _leader_first_calls
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return on_leader()
-    _leader_first_calls += 1
-    key = f"vall_e/leader_first/{_leader_first_calls}"
-    store = dist.distributed_c10d._get_default_store()
-    if is_global_leader():
-        try:
-            result = on_leader()
-        except error_type as e:
-            store.set(key, "error:" + str(e))
-            raise
-        except BaseException as e:  # release the others: they must not wait for a crashed leader
-            store.set(key, f"crash:rank 0 failed ({type(e).__name__}: {e})")
-            raise
-        store.set(key, "ok")
-        return result
-    store.wait([key], datetime.timedelta(days=2))
-    status = store.get(key).decode()
-    if status.startswith("error:"):
-        raise error_type(status[len("error:"):])
-    if status.startswith("crash:"):
-        raise RuntimeError(status[len("crash:"):])
-    return on_others()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,3 +338,73 @@ def install_strict_guard() -> None:
     for name in _OBJECT_COLLECTIVES:
         if hasattr(dist, name):
             setattr(dist, name, wrap_object(name, getattr(dist, name)))
+
+
+# ----------------------------------------------------------------------------------------------
+# rendezvous-store helpers: hand-offs between ranks that may take hours (an index build on one
+# node while the others wait) go through the launcher's key-value store, never through a collective,
+# so they cannot run into the process group's timeout; and a failing rank publishes its error
+# instead of leaving the others waiting inside a collective.
+
+HOST_ID_ENV = "VALL_E_HOST_ID"
+_STORE_WAIT = 2 * 24 * 3600.0  # seconds: longer than any index build
+_store_scopes: dict[str, int] = {}
+
+
+def host_id() -> str:
+    """The name of this machine: ranks with one host id share its local disks.
+
+    ``VALL_E_HOST_ID`` overrides the hostname; it is for tests only, to make ranks on one machine
+    behave as if each lived on its own node.
+    """
+    import socket
+
+    return os.environ.get(HOST_ID_ENV) or socket.gethostname()
+
+
+def store_scope(name: str) -> str:
+    """A fresh key prefix for one hand-off, the same on every rank (``vall_e/<name>/<n>``, ``n`` counting calls).
+
+    Every rank must call it the same number of times, in the same order, as with collectives.
+    """
+    _store_scopes[name] = _store_scopes.get(name, 0) + 1
+    return f"vall_e/{name}/{_store_scopes[name]}"
+
+
+def _store() -> Any:
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def store_set(key: str, value: Any) -> None:
+    """Publish a JSON-serializable ``value`` under ``key``."""
+    import json
+
+    _store().set(key, json.dumps(value))
+
+
+def store_get(key: str, timeout_s: float = _STORE_WAIT) -> Any:
+    """The value published under ``key``, waiting for it up to ``timeout_s`` seconds."""
+    return store_get_many([key], timeout_s)[0]
+
+
+def store_get_many(keys: list[str], timeout_s: float = _STORE_WAIT) -> list[Any]:
+    """The values published under ``keys`` (in order) once all exist; one round trip when the store allows."""
+    import datetime
+    import json
+
+    store = _store()
+    if not keys:
+        return []
+    store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    try:
+        raw = store.multi_get(keys)
+    except (RuntimeError, NotImplementedError):  # a store without the extended API
+        raw = [store.get(k) for k in keys]
+    return [json.loads(bytes(r).decode()) for r in raw]
+
+
+def store_elect(key: str) -> bool:
+    """True for exactly one of the ranks calling this with ``key`` (the first to arrive)."""
+    return int(_store().add(key, 1)) == 1

@@ -39,7 +39,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..config import Config
-from .helpers import allow_tf32
+from .helpers import allow_tf32, process_alive, process_start
 from .monitor import deepspeed_monitor_config
 
 _logger = logging.getLogger(__name__)
@@ -552,24 +552,12 @@ def _write_failure(e: BaseException) -> str | None:
 # one run per checkpoint folder
 
 
-def _proc_start(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (tells a reused pid apart), or ``None`` where unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[-1].split()[19]  # field 22 (starttime), counted after the "(comm)" field
-
-
-def _alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _alive(pid: int, start: Any) -> bool:
+    """Whether the lock holder ``pid`` (started at ``start``, as :func:`process_start` gave it) still runs."""
+    if not process_alive(pid):
         return False
-    except PermissionError:
-        return True
-    now = _proc_start(pid)
-    return start is None or now is None or now == start
+    now = process_start(pid)
+    return start is None or now is None or str(now) == str(start)  # older lock files hold it as a string
 
 
 class RunLock:
@@ -586,7 +574,7 @@ class RunLock:
         self.held = False
 
     def _mine(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
+        return {"pid": os.getpid(), "host": socket.gethostname(), "start": process_start(os.getpid()),
                 "since": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def acquire(self) -> None:

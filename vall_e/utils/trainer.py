@@ -384,7 +384,8 @@ class Trainer:
             return None
         n_ok = n_micro - n_bad
         means = {k: torch.where(n_ok > 0, v / n_ok.clamp(min=1), float("nan")) for k, v in totals.items()}
-        means.setdefault("loss", torch.tensor(float("nan"), device=device))
+        if "loss" not in means:
+            means["loss"] = torch.full((), float("nan"), device=device)
         if grad_norm is not None:
             means["grad_norm"] = grad_norm
         host = {"frames": float(frames), "positions": float(self.positions[0]),
@@ -403,7 +404,7 @@ class Trainer:
         keys = sorted(means)
         nf = self._nonfinite
         summed = torch.tensor([host[k] for k in sorted(host)], dtype=torch.float64).to(nf.device, non_blocking=True)
-        vec = torch.cat([torch.stack([means[k].double() for k in keys]), summed, nf[[0, 2]].double()])
+        vec = torch.cat([torch.stack([means[k].double() for k in keys]), summed, nf[0::2].double()])
         values = distributed.all_reduce(vec).tolist()  # the one host sync of a logged step
         n = distributed.world_size() if distributed.active() else 1
         stats = {k: v / n for k, v in zip(keys, values)}
