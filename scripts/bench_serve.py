@@ -27,6 +27,7 @@ Numbers depend on the machine and on what else runs on it; say so when you quote
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -37,7 +38,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import requests
 
@@ -148,11 +149,15 @@ class ServerProcess:
             self.proc.kill()
 
 
+class RequestFailed(RuntimeError):
+    pass
+
+
 def request(url: str, body: dict[str, Any]) -> tuple[float, bytes]:
     t0 = time.perf_counter()
     r = requests.post(f"{url}/v1/audio/speech", json=body, timeout=1800)
     if r.status_code != 200:
-        raise SystemExit(f"request failed: {r.status_code} {r.text[:500]}")
+        raise RequestFailed(f"request failed: {r.status_code} {r.text[:500]}")
     return time.perf_counter() - t0, r.content
 
 
@@ -169,13 +174,19 @@ def load(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[dict[str
     latencies: list[float] = []
     outputs: list[bytes] = [b""] * len(bodies)
 
+    failures: list[Exception] = []
+
     def client() -> None:
-        while True:
+        while not failures:
             with lock:
                 if not todo:
                     return
                 i, body = todo.pop(0)
-            seconds, data = request(url, body)
+            try:
+                seconds, data = request(url, body)
+            except Exception as e:
+                failures.append(e)
+                return
             with lock:
                 latencies.append(seconds)
                 outputs[i] = data
@@ -186,6 +197,8 @@ def load(url: str, bodies: list[dict[str, Any]], clients: int) -> tuple[dict[str
         t.start()
     for t in threads:
         t.join()
+    if failures:
+        raise failures[0]
     wall = time.perf_counter() - t0
     audio_s = sum(len(o) / 2 / 24_000 for o in outputs)
     return {"requests": len(bodies), "wall_s": round(wall, 3), "requests_per_s": round(len(bodies) / wall, 4),
@@ -247,30 +260,39 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                                                   torch.get_num_threads()),
                               "max_ar_steps": args.max_ar_steps,
                               "requests_per_level": args.requests, "codec": [w for w in words if "codec" in w]}
-    server = ServerProcess(common, env)
-    try:
+    with_server = lambda extra: _with_server(common + extra, env)  # noqa: E731
+    with with_server([]) as url:
         for _ in range(2):  # warm up: codec, g2p, the voice's codes, allocator
-            request(server.url, bodies[0])
+            request(url, bodies[0])
         outputs = {}
         for clients in (1, 4, 8):
-            result[f"clients_{clients}"], outputs[clients] = load(server.url, bodies, clients)
+            result[f"clients_{clients}"], outputs[clients] = load(url, bodies, clients)
         result["speedup_8_vs_1"] = round(result["clients_8"]["requests_per_s"] / result["clients_1"]["requests_per_s"], 3)
         result["batched_equals_alone"] = outputs[8] == outputs[1]
-        result["long_form"] = long_form(server.url, voice, args.max_ar_steps)
-        result["server_batches"] = requests.get(f"{server.url}/health", timeout=60).json()["batches"]
-    finally:
-        server.stop()
+        result["long_form"] = long_form(url, voice, args.max_ar_steps)
+        result["server_batches"] = requests.get(f"{url}/health", timeout=60).json()["batches"]
     if not args.no_unbatched:
-        server = ServerProcess(common + ["--max-batch", "1"], env)
-        try:
-            request(server.url, bodies[0])
-            result["unbatched_8"], _ = load(server.url, bodies, 8)
-        finally:
-            server.stop()
+        with with_server(["--max-batch", "1"]) as url:
+            request(url, bodies[0])
+            result["unbatched_8"], _ = load(url, bodies, 8)
         result["speedup_8_vs_unbatched"] = round(
             result["clients_8"]["requests_per_s"] / result["unbatched_8"]["requests_per_s"], 3)
     print(json.dumps(result, indent=2))
     return 0
+
+
+@contextlib.contextmanager
+def _with_server(args: list[str], env: dict[str, str]) -> Iterator[str]:
+    """A server's URL for the block; a failed request prints the server's log (its traceback) and exits."""
+    server = ServerProcess(args, env)
+    try:
+        yield server.url
+    except RequestFailed as e:
+        time.sleep(0.5)  # let the log reader catch up
+        print("".join(server.lines[-60:]), file=sys.stderr)
+        raise SystemExit(str(e)) from None
+    finally:
+        server.stop()
 
 
 if __name__ == "__main__":

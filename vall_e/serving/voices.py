@@ -9,7 +9,6 @@ An accepted upload is stored as 24 kHz mono 16-bit WAV, whatever it came as.
 from __future__ import annotations
 
 import io
-import os
 import re
 import threading
 import unicodedata
@@ -17,8 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-# A name: letters, digits, space, "_", "-", "." (not first), at most 64 characters. No separators,
-# no "..", no NUL, nothing absolute: checked on the string, and the path it makes is checked again.
+# A voice name: letters, digits, space, "_", "-", "." (not first), at most 64 characters.
 _NAME = re.compile(r"[^\W_][\w .\-]{0,63}")
 SILENCE_PEAK = 10 ** (-60 / 20)  # -60 dBFS: quieter than any usable recording
 
@@ -34,23 +32,29 @@ class VoiceError(ValueError):
 def safe_name(name: object, folder: Path) -> str:
     """``name`` when it is a plain voice name whose files stay inside ``folder``; else :class:`VoiceError`.
 
-    Allowed: letters, digits, spaces, ``_ - .`` (not first), 1..64 characters, no ``..``.
+    The project's rule for names that become paths (:func:`vall_e.utils.paths.safe_name`), and on top
+    of it a narrower one for voices, whose names also travel in URLs, JSON and the page: letters,
+    digits, spaces, ``_ - .`` (not first or last), 1..64 characters, no ``..``.
     """
+    from ..utils.paths import UnsafeNameError, inside
+    from ..utils.paths import safe_name as path_component
+
     if not isinstance(name, str) or not name:
         raise VoiceError("a voice name is required (letters, digits, space, '_', '-', '.')")
-    text = unicodedata.normalize("NFC", name)
-    if (text != name or not _NAME.fullmatch(name) or ".." in name or name.endswith((" ", "."))
-            or "\x00" in name):
-        shown = name if len(name) <= 80 else name[:80] + "..."
-        raise VoiceError(
-            f"invalid voice name {shown!r}: use 1-64 letters, digits, spaces, '_', '-' or '.', starting with a "
-            "letter or digit (no '/', '\\', '..')"
-        )
-    # lexically, so a recording the operator symlinked into the folder stays usable
-    root = Path(os.path.abspath(folder))
-    for suffix in (".wav", ".txt"):
-        if Path(os.path.normpath(root / f"{name}{suffix}")).parent != root:
-            raise VoiceError(f"invalid voice name {name!r}: it would leave the voices folder")
+    shown = name if len(name) <= 80 else name[:80] + "..."
+    rule = "use 1-64 letters, digits, spaces, '_', '-' or '.', starting with a letter or digit"
+    try:
+        path_component(name, what="voice name")
+    except UnsafeNameError as e:
+        raise VoiceError(f"{e}; {rule}") from None
+    if (unicodedata.normalize("NFC", name) != name or not _NAME.fullmatch(name) or ".." in name
+            or name.endswith((" ", "."))):
+        raise VoiceError(f"invalid voice name {shown!r}: {rule}")
+    try:
+        for suffix in (".wav", ".txt"):
+            inside(folder, Path(folder) / f"{name}{suffix}")
+    except UnsafeNameError:
+        raise VoiceError(f"invalid voice name {shown!r}: it would leave the voices folder") from None
     return name
 
 
