@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 import requests
 import soundfile as sf
-import torch
 
 from serve_support import STEPS, export_zoo, make_voices, start_server, utterances, wav_samples
 from vall_e.serving import audio

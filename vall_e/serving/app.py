@@ -200,7 +200,8 @@ class Service:
 # request parsing
 
 
-def _speech_model():
+@functools.cache
+def _speech_model() -> type:
     """The pydantic model of a speech request (built on first use: no import work at module load)."""
     from pydantic import BaseModel, ConfigDict, Field
 
@@ -231,16 +232,11 @@ def _speech_model():
     return SpeechRequest
 
 
-_SPEECH_MODEL = None
-
-
 def parse_speech(body: bytes) -> Any:
     """The JSON body -> a validated speech request; :class:`ApiError` 400 naming the bad field."""
-    global _SPEECH_MODEL
     from pydantic import ValidationError
 
-    if _SPEECH_MODEL is None:
-        _SPEECH_MODEL = _speech_model()
+    model = _speech_model()
     try:
         data = json.loads(body or b"null")
     except ValueError:
@@ -249,14 +245,14 @@ def parse_speech(body: bytes) -> Any:
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object with at least input and voice")
     try:
-        return _SPEECH_MODEL.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         problems, param = [], None
         for err in e.errors():
             name = ".".join(str(x) for x in err["loc"] if not isinstance(x, int) and x not in ("str", "VoiceId"))
             param = param or name
             if err["type"] == "extra_forbidden":
-                known = ", ".join(_SPEECH_MODEL.model_fields)
+                known = ", ".join(model.model_fields)
                 problems.append(f"unknown field {name!r} (fields: {known})")
             elif err["type"] == "missing":
                 problems.append(f"{name} is required")
