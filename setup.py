@@ -14,6 +14,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["vall_e", "vall_e.*"]),
+    package_data={"vall_e.serving": ["static/*.html"]},  # the page of python -m vall_e.serve
     install_requires=[
         # Floors, and why:
         # - torch 2.5: safe (weights_only) loading of DeepSpeed checkpoints allow-lists DeepSpeed's
@@ -42,7 +43,12 @@ setup(
         "tensorboard>=2.17.1",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        # tests/test_serve*.py speak to the server with the official openai client and drive Debian's
+        # Chromium through Selenium (the system chromedriver; Selenium Manager is never used)
+        "test": ["pytest>=7", "openai>=1.40", "selenium>=4.11", "requests>=2.28"],
+        # python -m vall_e.serve: FastAPI on uvicorn; python-multipart parses voice uploads. Our own small
+        # page, not Gradio: no extra framework, nothing fetched from a CDN, the same API the clients use.
+        "serve": ["fastapi>=0.110", "uvicorn>=0.29", "python-multipart>=0.0.9"],
         # python -m vall_e.evaluate: jiwer (WER), the paper's backends (torchaudio's HuBERT ASR, a WavLM
         # speaker model through transformers) and the offline ones. resemblyzer itself is installed with
         # `pip install --no-deps resemblyzer==0.1.4` (scripts/setup.sh does): its declared webrtcvad

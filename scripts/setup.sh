@@ -4,11 +4,17 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v espeak-ng >/dev/null 2>&1; then
+# espeak-ng makes the test corpora; chromium + chromium-driver run the page test of python -m vall_e.serve
+# (tests/test_serve_browser.py drives the system chromedriver; nothing is downloaded by Selenium)
+APT_PACKAGES=""
+command -v espeak-ng >/dev/null 2>&1 || APT_PACKAGES="$APT_PACKAGES espeak-ng"
+{ command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; } || APT_PACKAGES="$APT_PACKAGES chromium"
+[ -x /usr/bin/chromedriver ] || APT_PACKAGES="$APT_PACKAGES chromium-driver"
+if [ -n "$APT_PACKAGES" ]; then
   if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT_PACKAGES >/dev/null
   else
-    sudo apt-get update -qq && sudo apt-get install -y -qq espeak-ng >/dev/null
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $APT_PACKAGES >/dev/null
   fi
 fi
 
