@@ -129,3 +129,13 @@ def train_tiny_models(corpus: Path, root: Path) -> dict[str, Path]:
 def tiny_runs(prepared_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """ar-tiny and nar-tiny trained 30 steps on :func:`prepared_corpus`: {kind: yaml path}."""
     return train_tiny_models(prepared_corpus, tmp_path_factory.getbasetemp() / "tiny_models")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: they gain nothing from threads, and on a shared
+    CPU a busy second core stalls them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

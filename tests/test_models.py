@@ -13,13 +13,7 @@ from vall_e.models import build_model, get_model
 from vall_e.nar import NAR
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared CPU a busy second core stalls them."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(lens, seed=0, n_text=256, n_audio=1024, levels=8):

@@ -18,12 +18,7 @@ LENS = [(7, 20, 15), (12, 9, 30), (3, 14, 4), (9, 0, 11)]
 SPANS = [(2, 5), None, (0, 2), (8, 40)]  # the last runs past its response: clipped like a slice
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_batch(device: str = "cpu", seed: int = 0):

@@ -567,8 +567,6 @@ class Synthesizer:
 
         import torch
 
-        from .emb import qnt
-
         proms = [p["prompt"] for p in batch]
         prefixes = [p["prefix"] for p in batch]
         # the length guard: frames per phone of the target text (the reference part is the prefix)
@@ -602,22 +600,33 @@ class Synthesizer:
                     resps = [torch.cat([p[:, : level + 1], r[len(p):]]) for p, r in zip(lpre, resps)]
             for j, i in enumerate(live):
                 full[i] = resps[j]
-        outs = []
-        for i, p in enumerate(batch):
-            t_pre = len(prefixes[i])
-            codes = full[i] if full[i] is not None else torch.zeros(0, n_levels, dtype=torch.long, device=self.device)
-            gen_codes = codes[t_pre:].cpu()
-            if len(gen_codes) == 0:
-                wav = torch.zeros(1, 0)
-            else:
-                wav, _ = qnt.decode(codes.cpu(), device=self.device, codec_weights=self.codec_weights)  # (1, n)
-                wav = wav[:, t_pre * qnt.HOP_LENGTH :].contiguous()  # continuation: only the new part
-            cut = None
-            if hit[i]:
-                cut = "length_guard" if guards[i] is not None and guards[i] < max_ar_steps else "max_ar_steps"
-            outs.append(Synthesis(wav=wav, sample_rate=qnt.SAMPLE_RATE, codes=gen_codes, seed=-1, stopped=cut is None,
-                                  phones=list(p["phones"]), cut=cut, max_frames=limits[i]))
-        return outs
+        return [self.finish(full[i], len(prefixes[i]), hit[i], guards[i], max_ar_steps, -1, p["phones"], limits[i])
+                for i, p in enumerate(batch)]
+
+    def finish(self, codes: Optional["Tensor"], t_pre: int, hit: bool, guard: Optional[int], max_ar_steps: int,
+               seed: int, phones: Sequence[str], max_frames: Optional[int]) -> Synthesis:
+        """One sample's :class:`Synthesis` from its generated codes ``(t_pre + t, 8)`` (None: nothing generated).
+
+        Only the frames after the ``t_pre`` prefix frames (continuation mode) are returned and decoded.
+        ``hit``: the AR reached its limit, which was the length guard when ``guard`` is below ``max_ar_steps``.
+        """
+        import torch
+
+        from .emb import qnt
+
+        if codes is None:
+            codes = torch.zeros(0, self.nar.config.n_resp_levels, dtype=torch.long, device=self.device)
+        gen_codes = codes[t_pre:].cpu()
+        if len(gen_codes) == 0:
+            wav = torch.zeros(1, 0)
+        else:
+            wav, _ = qnt.decode(codes.cpu(), device=self.device, codec_weights=self.codec_weights)  # (1, n)
+            wav = wav[:, t_pre * qnt.HOP_LENGTH :].contiguous()  # continuation: only the new part
+        cut = None
+        if hit:
+            cut = "length_guard" if guard is not None and guard < max_ar_steps else "max_ar_steps"
+        return Synthesis(wav=wav, sample_rate=qnt.SAMPLE_RATE, codes=gen_codes, seed=seed, stopped=cut is None,
+                         phones=list(phones), cut=cut, max_frames=max_frames)
 
 
 def _check_options(ar_temp: float, nar_temp: float, top_k: int, top_p: float, max_ar_steps: int, batch_size: int) -> None:

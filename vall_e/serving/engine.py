@@ -257,28 +257,8 @@ def _decode_rows(
     guards: list[Optional[int]], limits: list[int],
 ) -> list[Synthesis]:
     """Waveforms of every row, one codec call each (batching them would mix rows' arithmetic)."""
-    import torch
-
-    from ..emb import qnt
-
-    outs = []
-    n_levels = synth.nar.config.n_resp_levels
-    for i, row in enumerate(rows):
-        p = row.prepared
-        t_pre = len(p["prefix"])
-        codes = full[i] if full[i] is not None else torch.zeros(0, n_levels, dtype=torch.long, device=synth.device)
-        gen_codes = codes[t_pre:].cpu()
-        if len(gen_codes) == 0:
-            wav = torch.zeros(1, 0)
-        else:
-            wav, _ = qnt.decode(codes.cpu(), device=synth.device, codec_weights=synth.codec_weights)  # (1, n)
-            wav = wav[:, t_pre * qnt.HOP_LENGTH:].contiguous()  # continuation: only the new part
-        cut = None
-        if hit[i]:
-            cut = "length_guard" if guards[i] is not None and guards[i] < row.sampling.max_ar_steps else "max_ar_steps"
-        outs.append(Synthesis(wav=wav, sample_rate=qnt.SAMPLE_RATE, codes=gen_codes, seed=row.seed,
-                              stopped=cut is None, phones=list(p["phones"]), cut=cut, max_frames=limits[i]))
-    return outs
+    return [synth.finish(full[i], len(row.prepared["prefix"]), hit[i], guards[i], row.sampling.max_ar_steps, row.seed,
+                         row.prepared["phones"], limits[i]) for i, row in enumerate(rows)]
 
 
 def generate_one_by_one(synth: Synthesizer, rows: list[Row]) -> list[Synthesis]:
