@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -39,7 +38,7 @@ from vall_e.utils.errors import entry_point, plain_os_error, torch_load_reason
 from vall_e.utils.outputs import OutputError, refuse_inputs, writable_file, writable_folder
 from vall_e.utils.paths import UnsafeNameError, inside, safe_name
 
-from conftest import load_script
+from conftest import load_script, mount_tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 SYN = ["--max-ar-steps", "5", "--device", "cpu", "codec_weights=untrained", "--seed", "1"]
@@ -96,20 +95,6 @@ def ckpts(zoo: dict[str, Path]) -> list[str]:
     return ["--ar-ckpt", str(zoo["ar"]), "--nar-ckpt", str(zoo["nar"])]
 
 
-def _mount(tmp_path: Path, options: str) -> Iterator[Path]:
-    mnt = tmp_path / f"mnt-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 @pytest.fixture
 def read_only(tmp_path: Path) -> Iterator[Path]:
     """A read-only folder: a read-only tmpfs for root (who ignores permission bits), mode 0555 otherwise."""
@@ -120,13 +105,13 @@ def read_only(tmp_path: Path) -> Iterator[Path]:
         yield folder
         folder.chmod(0o755)
         return
-    yield from _mount(tmp_path, "ro,size=64k")
+    yield from mount_tmpfs(tmp_path, "ro,size=64k")
 
 
 @pytest.fixture
 def full_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs (root only)."""
-    yield from _mount(tmp_path, "size=64k")
+    yield from mount_tmpfs(tmp_path, "size=64k")
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,8 @@ import torch
 
 from vall_e.emb import qnt
 from vall_e.utils.helpers import balanced_shards, find_files
+
+from conftest import mount_tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
 UNTRAINED = dict(device="cpu", codec_weights="untrained")
@@ -174,17 +175,7 @@ def test_collisions_upper_case_and_empty_folder(espeak_corpus: Path, tmp_path: P
 @pytest.fixture
 def small_tmpfs(tmp_path: Path):
     """A 16 KiB tmpfs (root only); skipped where mounting is not allowed."""
-    mnt = tmp_path / f"tmpfs-{uuid.uuid4().hex[:6]}"
-    mnt.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mnt)], capture_output=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.decode().strip()})")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    yield from mount_tmpfs(tmp_path, "size=16k")
 
 
 def test_full_disk_and_read_only_stop_cleanly_and_rerun_finishes(espeak_corpus: Path, tmp_path: Path,
