@@ -63,6 +63,10 @@ class Config(BaseConfig):
     max_prompts: int = field(3, help="most utterances concatenated into one acoustic prompt")
     prompt_mode: str = field("speaker", help="speaker: 1..max_prompts other utterances of the speaker (reference) | "
                              "paper: AR = plain LM over phones + codebook 1, NAR = a 3 s segment of the utterance itself")
+    sample_by: str = field("auto", help="what a training draw is uniform over: utterance | speaker (each speaker equally "
+                           "often, then one of its utterances) | auto (utterance with arch=paper, else speaker)")
+    val_dirs: list[str] = field(default_factory=list, help="folders of held-out speakers (e.g. LibriTTS dev-clean): the "
+                                "val split and its prompts come from them (zero-shot); empty: val holds seen speakers")
     max_num_val: int = field(20, help="most utterances in each evaluation split")
     max_val_ar_steps: int = field(300, help="AR generation steps during evaluation")
     min_seconds: float = field(0.0, help="drop utterances shorter than this (seconds of audio)")
@@ -79,6 +83,8 @@ class Config(BaseConfig):
     # model
     num_tokens: int = field(1024, help="EnCodec codebook size")
     model: str = field("ar-quarter", help="model preset: ar|nar with -half/-quarter/-tiny")
+    arch: str = field("enhuiz", help="model core: paper (prefix attention, tied per-level heads, shared acoustic "
+                      "embeddings, separate positions; VALL-E section 4) | enhuiz (the reference implementation's core)")
     activation_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
 
     # training
@@ -138,6 +144,10 @@ class Config(BaseConfig):
             raise ConfigError(f"half_precision={self.half_precision!r}: use auto, bf16 or fp16")
         if self.prompt_mode not in ("speaker", "paper"):
             raise ConfigError(f"prompt_mode={self.prompt_mode!r}: use speaker (other utterances of the speaker) or paper")
+        if self.arch not in ("paper", "enhuiz"):
+            raise ConfigError(f"arch={self.arch!r}: use paper (the VALL-E paper's model) or enhuiz (the reference's)")
+        if self.sample_by not in ("auto", "utterance", "speaker"):
+            raise ConfigError(f"sample_by={self.sample_by!r}: use utterance, speaker or auto")
         if self.index_check not in ("files", "dirs", "off"):
             raise ConfigError(f"index_check={self.index_check!r}: use files, dirs or off")
         for name in ("batch_frames", "bucket_batches", "min_seconds", "max_seconds", "nj"):
@@ -151,7 +161,8 @@ class Config(BaseConfig):
             raise ConfigError(f"p_additional_prompt={self.p_additional_prompt} must be within [0, 1]")
 
     def _validate_runtime(self) -> None:
-        """Ranges, enumerations, presets, the device, run names: the values issue 10 found failing late."""
+        """Ranges, enumerations, presets, the device, run names: values that would otherwise fail only after the
+        models were built or DeepSpeed started."""
         for name in ("log_every", "save_ckpt_every", "eval_every", "max_val_ar_steps", "num_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
@@ -235,6 +246,13 @@ class Config(BaseConfig):
     @property
     def get_spkr(self) -> Callable[[Path], str]:
         return parse_spkr_name_getter(self.spkr_name_getter)
+
+    @property
+    def sampling_unit(self) -> str:
+        """``sample_by`` with ``auto`` resolved: ``"utterance"`` for ``arch=paper``, else ``"speaker"``."""
+        if self.sample_by != "auto":
+            return self.sample_by
+        return "utterance" if self.arch == "paper" else "speaker"
 
     @property
     def model_kind(self) -> str:
