@@ -346,10 +346,11 @@ def _two_utterances():
     return text, proms, resps
 
 
-def test_tiny_ar_overfits_two_utterances():
+@pytest.mark.parametrize("arch", ["enhuiz", "paper"])
+def test_tiny_ar_overfits_two_utterances(arch):
     torch.manual_seed(0)
     text, proms, resps = _two_utterances()
-    model = get_model("ar-tiny", p_dropout=0.0).train()
+    model = get_model("ar-tiny", p_dropout=0.0, arch=arch).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for step in range(1, 601):
         opt.zero_grad(set_to_none=True)
@@ -366,10 +367,11 @@ def test_tiny_ar_overfits_two_utterances():
     assert all(torch.equal(g, r[:, 0]) for g, r in zip(generated, resps))
 
 
-def test_tiny_nar_overfits_two_utterances():
+@pytest.mark.parametrize("arch", ["enhuiz", "paper"])
+def test_tiny_nar_overfits_two_utterances(arch):
     torch.manual_seed(0)
     text, proms, resps = _two_utterances()
-    model = get_model("nar-tiny", p_dropout=0.0).train()
+    model = get_model("nar-tiny", p_dropout=0.0, arch=arch).train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     levels = torch.arange(1, 8)
 

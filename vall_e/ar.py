@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import RAS_THRESHOLD, RAS_WINDOW, Base, Block, ModelOutput, device_ints, sample_logits, select_spans
+from .base import (
+    RAS_THRESHOLD, RAS_WINDOW, Base, Block, ModelOutput, device_ints, prefix_lm_mask, sample_logits, select_spans,
+)
 
 
 class AR(Base):
-    """Causal transformer over ``[text, SEP, prompt, SEP, codebook-1 response]`` predicting the next code.
+    """Causal transformer over ``[text, SEP, prompt, SEP, codebook-1 response]`` predicting the next code
+    (under ``arch=paper`` a prefix LM: the part before the response attends both ways).
 
     Training targets are the response codes followed by the stop token (id ``n_audio_tokens`` = 1024):
     the second SEP predicts the first code, each code predicts the next, the last code predicts stop.
@@ -54,11 +57,11 @@ class AR(Base):
         resp_list = [r if r.dim() == 1 else r[:, 0] for r in resps_list]
         lens = [len(r) for r in resp_list]
         resp = torch.cat(resp_list)
-        h, seq_lens = self._hidden(text_list, proms_list, self.resp_emb(resp[:, None]), lens)
+        h, seq_lens = self._hidden(text_list, proms_list, self._embed_response(resp[:, None]), lens)
         # the second SEP and the t_i codes (the last t_i + 1 positions of each sequence) predict
         # the codes and the stop token
         counts = [n + 1 for n in lens]
-        logits = self.classifier(select_spans(h, [n - c for n, c in zip(seq_lens, counts)], counts))
+        logits = self._classify(select_spans(h, [n - c for n, c in zip(seq_lens, counts)], counts))
         stop = resp.new_full((1,), self.stop_token)
         targets = torch.cat([t for r in resp_list for t in (r, stop)])
         return logits, targets, counts
@@ -204,6 +207,12 @@ class _CachedDecoder:
     The prefixes (``[text, SEP, prompt, SEP, prefix codes]``) are left-padded to a common length P,
     so every sample's k-th new token lands in the same cache column P + k; each sample keeps its own
     positions, and a mask hides the padding columns (no mask at all when nothing is padded).
+
+    Under ``arch=paper`` the prefill uses the prefix LM's mask (``[text, SEP, prompt, SEP]`` both ways,
+    the prefix codes causally), so its keys and values are those of a full forward: the steps after
+    it are causal, as before. A lone sample without prefix codes needs no mask at all (its whole
+    prefill is the bidirectional condition); with prefix codes it needs a ``(P, P)`` mask shared by
+    the batch; only left padding needs one per sample.
     """
 
     def __init__(
@@ -213,26 +222,44 @@ class _CachedDecoder:
         self.model = model
         lens = [len(p) for p in prefix_list]
         codes = torch.cat(prefix_list)
-        x_list = model._sequences(text_list, proms_list, model.resp_emb(codes[:, None]), lens)
+        x_list = model._sequences(text_list, proms_list, model._embed_response(codes[:, None]), lens)
         seq_lens = [len(x) for x in x_list]
         b, P, T = len(x_list), max(seq_lens), max(seq_lens) + max_steps
         self.pe = model._positions(T)  # (T, d)
+        positions = [model._position_ids(len(t), len(x)) for t, x in zip(text_list, x_list)]
         # left padding by hand: pad_sequence(padding_side=...) needs a newer torch than the rest of the code
         x = x_list[0].new_zeros(b, P, x_list[0].shape[-1])  # (b, P, d)
-        for i, xi in enumerate(x_list):
-            x[i, P - len(xi) :] = xi + self.pe[: len(xi)]
+        for i, (xi, pos) in enumerate(zip(x_list, positions)):
+            x[i, P - len(xi) :] = xi + self.pe[pos]
         self.cache = x.new_empty(cfg.n_layers, 2, b, cfg.n_heads, T, cfg.d_model // cfg.n_heads)
         self.layers = [(block.step_params(), cache) for block, cache in zip(model.blocks, self.cache.unbind(0))]
         norm = model.norm.ln
-        self.head = (norm.weight, norm.bias, norm.eps, model.classifier.w, model.classifier.bias)
-        self.pos = device_ints(seq_lens, x.device)  # position of each sample's next token
+        if model.paper:
+            # the tied output layer, stored (d, n_classes) like Linear's; and codebook 1's rows as inputs
+            self.head = (norm.weight, norm.bias, norm.eps, model.audio_emb.weight[0].t().contiguous(), None)
+            self.token_table = model.audio_emb.table(0)
+        else:
+            self.head = (norm.weight, norm.bias, norm.eps, model.classifier.w, model.classifier.bias)
+            self.token_table = model.resp_emb.weight  # codebook 1 is level 0 of the response table: rows = ids
+        # position of each sample's next token (the paper core counts the audio from its own 0)
+        next_pos = [n - (len(t) + 1 if model.paper else 0) for n, t in zip(seq_lens, text_list)]
+        self.pos = device_ints(next_pos, x.device)
         self.col = P  # cache column of the next token (shared)
+        prefill_mask, self.step_mask = None, None
         if all(n == P for n in seq_lens):
-            prefill_mask, self.step_mask = None, None
+            if model.paper and any(lens):
+                # the condition both ways, the prefix codes causally: one (P, P) mask for the batch
+                cond = model._prefix_lens(text_list, proms_list)[0]
+                prefill_mask = prefix_lm_mask([cond], P, x.device, x.dtype)
+            elif model.paper:
+                prefill_mask = False  # the whole prefill is the condition: no mask, not causal
         else:
             pad = device_ints([P - n for n in seq_lens], x.device)
             valid = torch.arange(T, device=x.device) >= pad[:, None]  # (b, T) False on padding
             causal = torch.ones(P, P, dtype=torch.bool, device=x.device).tril()
+            if model.paper:  # keys of the condition (columns pad .. pad + cond) are seen by every row
+                cond_end = pad + device_ints(model._prefix_lens(text_list, proms_list), x.device)
+                causal = causal | (torch.arange(P, device=x.device) < cond_end[:, None])[:, None, :]
             # padding rows may only see themselves: a fully masked row would give NaN
             eye = torch.eye(P, dtype=torch.bool, device=x.device)
             prefill_mask = (causal & valid[:, None, :P]) | eye  # (b, P, P)
@@ -240,21 +267,23 @@ class _CachedDecoder:
             # additive float mask: SDPA would convert a boolean one at every layer of every step
             self.step_mask = torch.zeros(b, 1, 1, T, dtype=x.dtype, device=x.device)
             self.step_mask.masked_fill_(~valid[:, None, None, :], -math.inf)
-        h = model._body(x, attn_mask=prefill_mask, is_causal=prefill_mask is None, kv_cache=self.cache)
-        self.logits = model.classifier(h[:, -1])  # (b, n_classes): the last column is every sample's last token
+        if prefill_mask is False:
+            h = model._body(x, kv_cache=self.cache)
+        else:
+            h = model._body(x, attn_mask=prefill_mask, is_causal=prefill_mask is None, kv_cache=self.cache)
+        self.logits = model._classify(h[:, -1])  # (b, n_classes): the last column is every sample's last token
 
     def step(self, token: Tensor) -> Tensor:
         """Feed the sampled tokens ``(b,)``; return the next logits ``(b, n_classes)``."""
-        model = self.model
-        # codebook 1 is level 0 of the response table: its rows are the token ids
-        x = F.embedding(token, model.resp_emb.weight).add_(self.pe.index_select(0, self.pos))
+        x = F.embedding(token, self.token_table).add_(self.pe.index_select(0, self.pos))
         mask = None if self.step_mask is None else self.step_mask[..., : self.col + 1]
         for params, cache in self.layers:
             x = Block.step(x, params, cache, self.col, mask)
         self.col += 1
         self.pos += 1
         norm_w, norm_b, eps, cls_w, cls_b = self.head
-        return torch.addmm(cls_b, torch.layer_norm(x, x.shape[-1:], norm_w, norm_b, eps), cls_w)
+        x = torch.layer_norm(x, x.shape[-1:], norm_w, norm_b, eps)
+        return torch.mm(x, cls_w) if cls_b is None else torch.addmm(cls_b, x, cls_w)
 
 
 class _RecomputeDecoder:
@@ -270,9 +299,9 @@ class _RecomputeDecoder:
     def _last_logits(self) -> Tensor:
         model = self.model
         lens = [len(r) for r in self.resp_list]
-        emb = model.resp_emb(torch.cat(self.resp_list)[:, None])
+        emb = model._embed_response(torch.cat(self.resp_list)[:, None])
         h, seq_lens = model._hidden(self.text_list, self.proms_list, emb, lens)
-        return model.classifier(select_spans(h, [n - 1 for n in seq_lens], [1] * len(seq_lens)))
+        return model._classify(select_spans(h, [n - 1 for n in seq_lens], [1] * len(seq_lens)))
 
     def step(self, token: Tensor) -> Tensor:
         self.resp_list = [torch.cat([r, t[None]]) for r, t in zip(self.resp_list, token)]

@@ -1,18 +1,36 @@
 """The transformer shared by the AR and NAR models, and the preset table (the factory is :mod:`vall_e.models`).
 
-Both models read one sequence per utterance (Wang et al. 2023, VALL-E, as laid out by the
-reference implementation)::
+Both models read one sequence per utterance (Wang et al. 2023, VALL-E)::
 
     [ text phones | SEP | prompt frames | SEP | response frames ]
 
 - text phones: one learned embedding per phone id;
 - prompt frames: the sum of the 8 codebook embeddings of each EnCodec frame;
 - response frames: codebook 1 for the AR; for the NAR the sum of the levels given so far;
-- SEP: one learned vector, used at both places;
-- sinusoidal positions over the whole sequence, added to the embeddings.
+- SEP: one learned vector, used at both places.
 
 The body is a pre-norm transformer; the NAR conditions every norm on the level it predicts (AdaLN).
-A classifier on top predicts audio codes (1024, plus a stop token for the AR).
+Two cores (``ModelConfig.arch``) differ in how the pieces are wired:
+
+================  =====================================  ==========================================
+                  ``enhuiz`` (the reference code)        ``paper`` (VALL-E, section 4)
+================  =====================================  ==========================================
+AR attention      causal over the whole sequence         prefix LM: ``[text, SEP, prompt, SEP]``
+                                                         attends both ways, the response causally
+audio embedding   one table for the prompt, another      one table per codebook, shared by prompt
+                  for the response                       and response
+output layer      one classifier (shared by the NAR's    tied to the acoustic embedding: the AR's
+                  seven levels)                          to codebook 1, the NAR's level-j head to
+                                                         codebook j's table (paper: "the j-th
+                                                         prediction layer is the (j+1)-th acoustic
+                                                         embedding layer", 1-based)
+positions         sinusoidal over the whole sequence     sinusoidal, counted separately for the
+                                                         phones ``[text, SEP]`` and the audio
+                                                         ``[prompt, SEP, response]``
+================  =====================================  ==========================================
+
+``enhuiz`` stays exactly what it was (parameter names, initialization, outputs), so its checkpoints
+and exports keep loading; saved hyper-parameters without ``arch`` mean ``enhuiz``.
 
 Inputs are lists of variable-length tensors; the models pad internally and mask padding, so a
 sample's outputs never depend on the other members of its batch.
@@ -37,6 +55,7 @@ _SIZES = {
     "-quarter": dict(d_model=256, n_heads=4, n_layers=12),
     "-tiny": dict(d_model=64, n_heads=2, n_layers=2),
 }
+ARCHS = ("enhuiz", "paper")
 PRESETS: dict[str, dict] = {
     f"{kind}{suffix}": dict(kind=kind, **size) for kind in ("ar", "nar") for suffix, size in _SIZES.items()
 }
@@ -60,6 +79,9 @@ class ModelConfig:
         p_dropout: dropout on the residual branches and inside the feed-forward block.
         activation_checkpointing: recompute each block in the backward pass (less memory, ~30% slower).
         preset: the preset name this config came from, if any (informational).
+        arch: ``"enhuiz"`` (the reference implementation's core) or ``"paper"`` (the paper's: prefix
+            attention, tied output layers, shared acoustic embeddings, separate positions); see the
+            module docstring.
     """
 
     kind: str = "ar"
@@ -73,10 +95,13 @@ class ModelConfig:
     p_dropout: float = 0.1
     activation_checkpointing: bool = False
     preset: Optional[str] = None
+    arch: str = "enhuiz"
 
     def __post_init__(self) -> None:
         if self.kind not in ("ar", "nar"):
             raise ValueError(f"kind={self.kind!r}: use 'ar' or 'nar'")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r}: use one of {', '.join(ARCHS)}")
         if self.n_resp_levels is None:
             self.n_resp_levels = 1 if self.kind == "ar" else 8
         if self.kind == "ar" and self.n_resp_levels != 1:
@@ -85,6 +110,13 @@ class ModelConfig:
             raise ValueError(f"the NAR needs at least 2 response levels; got {self.n_resp_levels}")
         if self.d_model % self.n_heads or self.d_model % 2:
             raise ValueError(f"d_model={self.d_model} must be even and divisible by n_heads={self.n_heads}")
+
+
+def complete_hparams(hparams: dict) -> dict:
+    """Saved hyper-parameters with the fields they predate filled in with their defaults (``arch`` ->
+    ``enhuiz``), so models saved before a field existed compare equal to the same model built today."""
+    known = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return {**{k: v for k, v in known.items() if k != "n_resp_levels"}, **hparams}
 
 
 @dataclass
@@ -172,6 +204,68 @@ class MultiEmbedding(nn.Module):
         rows = codes + self.offsets[: codes.shape[-1]]
         rows = rows.masked_fill(codes < 0, self.pad_row)
         return F.embedding_bag(rows, self.weight, mode="sum", padding_idx=self.pad_row)
+
+
+class AudioEmbedding(nn.Module):
+    """The ``paper`` core's acoustic embedding: one table per codebook, which is also the output layer.
+
+    ``weight`` is ``(n_levels, n_tokens, d)``. Embedding a frame sums its codes' rows of the levels it
+    holds; predicting level ``j`` scores a hidden state against the rows of table ``j`` (weight tying,
+    VALL-E section 4: the prediction layer of a level is the embedding of that level). One parameter
+    serves both, so there is nothing to keep in sync under DeepSpeed, ZeRO or export, and the scoring
+    runs inside this module's ``forward``, where ZeRO-3 gathers the weight.
+
+    Scale: rows start at ``N(0, 1/d)`` and are multiplied by ``sqrt(d)`` when embedding (Vaswani et al.'s
+    tied recipe): inputs have unit variance per channel, like the ``enhuiz`` tables and the sinusoidal
+    positions, while initial logits of a unit-variance hidden state have unit variance too.
+    """
+
+    def __init__(self, n_levels: int, n_tokens: int, d_model: int):
+        super().__init__()
+        self.n_levels, self.n_tokens, self.scale = n_levels, n_tokens, math.sqrt(d_model)
+        self.weight = nn.Parameter(torch.randn(n_levels, n_tokens, d_model) / self.scale)
+        self.register_buffer("offsets", torch.arange(n_levels) * n_tokens, persistent=False)
+
+    def forward(
+        self, codes: Optional[Tensor] = None, hidden: Optional[Tensor] = None, level: "int | Tensor | None" = None
+    ) -> Tensor:
+        """Embed ``codes`` or score ``hidden``; exactly one of the two.
+
+        Args:
+            codes: ``(n, l)`` codes of levels ``0..l-1`` (``-1`` = leave that level out) -> ``(n, d)``.
+            hidden: ``(..., d)`` with an int ``level`` -> ``(..., n_tokens)`` logits of that level; or
+                ``(b, t, d)`` with ``level`` a ``(b,)`` tensor (one level per sample) -> ``(b, t, n_tokens)``.
+        """
+        if codes is not None:
+            keep = codes >= 0
+            rows = (codes + self.offsets[: codes.shape[-1]]).masked_fill(~keep, 0)
+            weights = keep.to(self.weight.dtype) * self.scale
+            return F.embedding_bag(rows, self.weight.view(-1, self.weight.shape[-1]), mode="sum", per_sample_weights=weights)
+        assert hidden is not None and level is not None
+        if isinstance(level, int):
+            return F.linear(hidden, self.weight[level])
+        return torch.bmm(hidden, self.weight.index_select(0, level).transpose(1, 2))
+
+    def table(self, level: int) -> Tensor:
+        """Level ``level``'s rows as the inputs see them, ``(n_tokens, d)`` (a scaled copy)."""
+        return self.weight[level] * self.scale
+
+
+def prefix_lm_mask(prefix_lens: Sequence[int], t: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Additive attention mask of a prefix language model over right-padded sequences of length ``t``.
+
+    Query ``i`` of sample ``s`` may attend key ``j`` when ``j < prefix_lens[s]`` (the prefix is seen
+    both ways) or ``j <= i`` (the rest is causal). A prefix row never sees the rest: ``j <= i <
+    prefix``. Returns ``(b, 1, t, t)``, or ``(1, 1, t, t)`` when every prefix has the same length
+    (broadcast over the batch). Float, ``0`` or ``-inf``: SDPA would convert a boolean mask at every layer.
+    """
+    if len(set(prefix_lens)) == 1:
+        prefix = torch.full((1,), prefix_lens[0], device=device, dtype=torch.long)
+    else:
+        prefix = device_ints(prefix_lens, device)
+    j = torch.arange(t, device=device)
+    allowed = (j[None, None, :] <= j[None, :, None]) | (j[None, None, :] < prefix[:, None, None])  # (b, t, t)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)[:, None]
 
 
 class Norm(nn.Module):
@@ -403,16 +497,23 @@ class Base(nn.Module):
         if config.kind != self.kind:
             raise ValueError(f"{type(self).__name__} needs a config with kind={self.kind!r}, got {config.kind!r}")
         self.config = config
+        self.paper = config.arch == "paper"
         d = config.d_model
         self.text_emb = nn.Embedding(config.n_text_tokens, d)
-        self.prom_emb = MultiEmbedding(config.n_prompt_levels, config.n_audio_tokens, d)
-        self.resp_emb = MultiEmbedding(self.n_input_levels, self.n_input_tokens, d)
+        if self.paper:
+            # one table per codebook: the prompt has all of them, the response (and the heads) a prefix
+            n_levels = max(config.n_prompt_levels, self.n_input_levels + 1)
+            self.audio_emb = AudioEmbedding(n_levels, self.n_input_tokens, d)
+        else:
+            self.prom_emb = MultiEmbedding(config.n_prompt_levels, config.n_audio_tokens, d)
+            self.resp_emb = MultiEmbedding(self.n_input_levels, self.n_input_tokens, d)
         self.sep = nn.Parameter(torch.randn(d))
         self.blocks = nn.ModuleList(
             Block(d, config.n_heads, config.p_dropout, self.n_cond_levels) for _ in range(config.n_layers)
         )
         self.norm = Norm(d, self.n_cond_levels)  # final norm (absent in the reference; standard for pre-norm)
-        self.classifier = Linear(d, self.n_classes)
+        if not self.paper:  # the paper core scores against audio_emb (tied)
+            self.classifier = Linear(d, self.n_classes)
         # GPT-2 style: Linear starts at N(0, 0.02); the residual-branch outputs are scaled down by
         # depth so the residual stream starts near its input. Embeddings keep N(0, 1) like the
         # reference, on the scale of the sinusoidal positions.
@@ -486,6 +587,28 @@ class Base(nn.Module):
         angles = torch.arange(n, device=dev, dtype=torch.float32)[:, None] * omega
         return torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.sep.dtype)
 
+    def _embed_response(self, codes: Tensor) -> Tensor:
+        """Response frames ``(n, l)`` (``-1`` = level left out) -> ``(n, d)``."""
+        return self.audio_emb(codes) if self.paper else self.resp_emb(codes)
+
+    def _classify(self, h: Tensor, level: int = 0) -> Tensor:
+        """Final hidden states ``(..., d)`` -> logits ``(..., n_classes)`` predicting codebook ``level + 1``
+        (0-based ``level``; the enhuiz core has one classifier for every level)."""
+        return self.audio_emb(hidden=h, level=level) if self.paper else self.classifier(h)
+
+    @staticmethod
+    def _prefix_lens(text_list: Sequence[Tensor], proms_list: Sequence[Tensor]) -> list[int]:
+        """Length of each sample's ``[text, SEP, prompt, SEP]``: the condition before the response."""
+        return [len(t) + len(p) + 2 for t, p in zip(text_list, proms_list)]
+
+    def _position_ids(self, text_len: int, n: int) -> Tensor:
+        """``(n,)`` position of each element of a sequence of ``n`` whose text has ``text_len`` phones:
+        ``0..n-1``, or under ``paper`` ``0..text_len`` for ``[text, SEP]`` then ``0..`` again for the audio."""
+        ramp = torch.arange(n, device=self.sep.device)
+        if not self.paper:
+            return ramp
+        return torch.where(ramp <= text_len, ramp, ramp - (text_len + 1))
+
     def _sequences(
         self,
         text_list: list[Tensor],
@@ -505,7 +628,8 @@ class Base(nn.Module):
             b x ``(t_text + 1 + t_prom + 1 + t_resp, d)``.
         """
         text = self.text_emb(torch.cat(text_list)).split([len(t) for t in text_list])
-        prom = self.prom_emb(torch.cat(proms_list)).split([len(p) for p in proms_list])
+        prom_emb = self.audio_emb if self.paper else self.prom_emb
+        prom = prom_emb(torch.cat(proms_list)).split([len(p) for p in proms_list])
         sep = self.sep[None]
         if resp_emb is None:
             return [torch.cat([t, sep, p, sep]) for t, p in zip(text, prom)]
@@ -551,14 +675,23 @@ class Base(nn.Module):
         """
         x_list = self._sequences(text_list, proms_list, resp_emb, resp_lens)
         lengths = [len(x) for x in x_list]
-        x = nn.utils.rnn.pad_sequence(x_list, batch_first=True)  # right padding
-        x = x + self._positions(x.shape[1])
-        attn_mask = None
-        if not self.causal and min(lengths) != max(lengths):
+        if self.paper:
+            pe = self._positions(max(lengths))
+            x_list = [x + pe[self._position_ids(len(t), len(x))] for x, t in zip(x_list, text_list)]
+            x = nn.utils.rnn.pad_sequence(x_list, batch_first=True)  # right padding
+        else:
+            x = nn.utils.rnn.pad_sequence(x_list, batch_first=True)  # right padding
+            x = x + self._positions(x.shape[1])
+        attn_mask, is_causal = None, self.causal
+        if self.causal and self.paper:
+            # the prefix LM; right padding needs nothing more: a real query never reaches a padded key
+            attn_mask = prefix_lm_mask(self._prefix_lens(text_list, proms_list), x.shape[1], x.device, x.dtype)
+            is_causal = False
+        elif not self.causal and min(lengths) != max(lengths):
             # bidirectional: hide padding keys; with right padding causal attention already never sees them
             lens = device_ints(lengths, x.device)
             attn_mask = (torch.arange(x.shape[1], device=x.device) < lens[:, None])[:, None, None, :]
-        h = self._body(x, cond, attn_mask, is_causal=self.causal)
+        h = self._body(x, cond, attn_mask, is_causal=is_causal)
         return h, lengths
 
     def _output(self, logits: Tensor, targets: Tensor) -> ModelOutput:

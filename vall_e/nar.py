@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .base import IGNORE, Base, ModelOutput, arange_cat, device_ints, sample_logits, select_spans
 
 
 class NAR(Base):
-    """Bidirectional transformer over ``[text, SEP, prompt, SEP, response levels 1..l]`` predicting level l+1.
+    """Bidirectional transformer over ``[text, SEP, prompt, SEP, response levels 1..l]`` predicting level l+1
+    (one classifier for every level under ``arch=enhuiz``; under ``paper``, level l's head is the
+    acoustic embedding table of level l).
 
     Levels are 0-based in code: level 0 is codebook 1 (the AR's output), levels 1..7 are codebooks
     2..8. To predict level ``l`` the response frames embed the sum of levels ``0..l-1``, and every
@@ -31,13 +33,19 @@ class NAR(Base):
         return self.config.n_resp_levels - 1  # AdaLN row l-1 conditions the prediction of level l
 
     def _response_logits(
-        self, text_list: list[Tensor], proms_list: list[Tensor], resps_list: list[Tensor], quant_levels: Tensor
+        self,
+        text_list: list[Tensor],
+        proms_list: list[Tensor],
+        resps_list: list[Tensor],
+        quant_levels: Tensor,
+        level: Optional[int] = None,
     ) -> tuple[Tensor, Tensor]:
         """Logits ``(n, n_classes)`` predicting level ``quant_levels[i]`` of every response frame
         (``n = sum t_resp``, samples in order), and that level per frame ``(n,)``.
 
         ``resps_list[i]`` is ``(t_resp, l)`` with at least ``quant_levels[i]`` levels; levels from
-        ``quant_levels[i]`` on are ignored.
+        ``quant_levels[i]`` on are ignored. ``level``: the one level of every sample when the caller
+        knows it on the host (generation), so the paper core's tied head is one matmul.
         """
         lens = [len(r) for r in resps_list]
         n_in = self.n_input_levels
@@ -45,10 +53,17 @@ class NAR(Base):
         frame_level = quant_levels.repeat_interleave(device_ints(lens, codes.device), output_size=len(codes))
         hidden_level = torch.arange(codes.shape[1], device=codes.device) >= frame_level[:, None]
         codes = codes.masked_fill(hidden_level, -1)  # -1 = leave this level out of the sum
-        h, seq_lens = self._hidden(text_list, proms_list, self.resp_emb(codes), lens, cond=quant_levels - 1)
+        h, seq_lens = self._hidden(text_list, proms_list, self._embed_response(codes), lens, cond=quant_levels - 1)
         # the responses are the last t_resp positions of each sequence
-        logits = self.classifier(select_spans(h, [n - t for n, t in zip(seq_lens, lens)], lens))
-        return logits, frame_level
+        h = select_spans(h, [n - t for n, t in zip(seq_lens, lens)], lens)  # (n, d)
+        if not self.paper:
+            return self.classifier(h), frame_level
+        if level is not None:
+            return self._classify(h, level), frame_level
+        # one tied head per sample's level: a batched matmul over the padded responses
+        padded = nn.utils.rnn.pad_sequence(list(h.split(lens)), batch_first=True)  # (b, t_max, d)
+        logits = self.audio_emb(hidden=padded, level=quant_levels)  # (b, t_max, n_classes)
+        return select_spans(logits, [0] * len(lens), lens), frame_level
 
     def _given_levels(self, quant_levels: Tensor) -> Tensor:
         """Levels a caller gives, checked to be within ``1..n_resp_levels - 1``, as int64 on the model's device.
@@ -154,7 +169,7 @@ class NAR(Base):
         try:
             for level in range(known.pop(), max_levels):
                 quant_levels = torch.full((len(resps_list),), level, device=self.device)
-                logits, _ = self._response_logits(text_list, proms_list, resps_list, quant_levels)
+                logits, _ = self._response_logits(text_list, proms_list, resps_list, quant_levels, level)
                 codes = sample_logits(logits, temperature, generator=generator).split(lens)
                 resps_list = [torch.cat([r, c[:, None]], dim=1) for r, c in zip(resps_list, codes)]
         finally:

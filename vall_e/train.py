@@ -40,7 +40,8 @@ _logger = logging.getLogger("vall_e.train")
 def _build_model(cfg: Config):
     from .models import get_model
 
-    return get_model(cfg.model, activation_checkpointing=cfg.activation_checkpointing)
+    return get_model(cfg.model, activation_checkpointing=cfg.activation_checkpointing, arch=cfg.arch,
+                     n_audio_tokens=cfg.num_tokens)
 
 
 def _eval_prefix_frames(n: int) -> int:
@@ -157,10 +158,22 @@ _NOT_ARCHITECTURE = {"activation_checkpointing", "p_dropout"}
 
 
 def _architecture_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``"field: saved -> current"`` for every architectural hyper-parameter that differs (JSON-normalized)."""
-    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current) - _NOT_ARCHITECTURE)
+    """``"field: saved -> current"`` for every architectural hyper-parameter that differs (JSON-normalized;
+    a field the saved model predates, such as ``arch``, counts as its default)."""
+    from .base import complete_hparams
+
+    saved, current = json.loads(json.dumps(complete_hparams(saved))), json.loads(json.dumps(complete_hparams(current)))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted((set(saved) | set(current)) - _NOT_ARCHITECTURE)
             if saved.get(k) != current.get(k)]
+
+
+def _same_architecture_words(saved: dict[str, Any]) -> str:
+    """The ``key=value`` words that rebuild a saved model: its preset, its ``arch`` and its ``num_tokens``."""
+    from .base import complete_hparams
+
+    hparams = complete_hparams(saved.get("hparams") or {})
+    preset = saved.get("preset") or saved.get("model") or hparams.get("preset")
+    return f"model={preset} arch={hparams['arch']} num_tokens={hparams['n_audio_tokens']}"
 
 
 def _init_source(folder: Path) -> tuple[Path, str]:
@@ -198,7 +211,7 @@ def _load_init_from(cfg: Config, model) -> dict[str, int]:
     if diff:
         raise CheckpointError(
             f"init_from={cfg.init_from} holds a {data.get('preset')!r} model but this run builds model={cfg.model!r}; "
-            f"these fields differ: {'; '.join(diff)}. Set model={data.get('preset')} to fine-tune it."
+            f"these fields differ: {'; '.join(diff)}. Set {_same_architecture_words(data)} to fine-tune it."
         )
     try:
         model.load_state_dict(data["state_dict"], strict=True)
@@ -230,7 +243,7 @@ def _check_architecture(cfg: Config, folder, hparams: dict[str, Any]) -> None:
     if diff:
         raise CheckpointError(
             f"{folder} was trained with model={meta.get('model')!r}, this run asks for model={cfg.model!r}; these "
-            f"fields differ: {'; '.join(diff)}. Resume with model={meta.get('model')}, or start a new run under "
+            f"fields differ: {'; '.join(diff)}. Resume with {_same_architecture_words(meta)}, or start a new run under "
             "another name= (init_from= takes weights from a run of the same preset)."
         )
 
