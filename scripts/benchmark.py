@@ -14,6 +14,10 @@ a GPU).
 
     python scripts/benchmark.py                      # CPU, 2 threads, quarter preset
     python scripts/benchmark.py --device cuda --preset full
+    python scripts/benchmark.py --arch both          # enhuiz and paper cores side by side, same inputs
+
+With ``--arch both`` the output is ``{"enhuiz": {...}, "paper": {...}, "paper_over_enhuiz": {...}}``
+(the ratios of the timings); with one arch it is that arch's flat object.
 """
 
 from __future__ import annotations
@@ -155,16 +159,30 @@ def main(argv=None) -> None:
         "--amp", default="none", choices=["none", "bf16", "fp16"],
         help="also time training under autocast in this dtype (extra *_<amp> keys; the fixed keys stay fp32)",
     )  # fmt: skip
+    parser.add_argument("--arch", default="enhuiz", choices=["enhuiz", "paper", "both"],
+                        help="model core (both: each on the same inputs, side by side)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.arch != "both":
+        print(json.dumps(run(args, args.arch, device)))
+        return
+    both = {arch: run(args, arch, device) for arch in ("enhuiz", "paper")}
+    timings = [k for k, v in both["enhuiz"].items() if isinstance(v, float) and k.endswith(("_s", "_s_10s", "_per_s"))
+               or k.startswith("ar_ms_per_token")]
+    both["paper_over_enhuiz"] = {k: round(both["paper"][k] / both["enhuiz"][k], 3) for k in timings}
+    print(json.dumps(both))
+
+
+def run(args: argparse.Namespace, arch: str, device: torch.device) -> dict:
+    """Every measurement of one model core; rounded, JSON-ready."""
     repeats = 1 if args.quick else args.repeats
     suffix = "" if args.preset in ("full", "") else f"-{args.preset}"
     torch.manual_seed(0)
-    ar = get_model(f"ar{suffix}").to(device).eval()
-    nar = get_model(f"nar{suffix}").to(device).eval()
+    ar = get_model(f"ar{suffix}", arch=arch).to(device).eval()
+    nar = get_model(f"nar{suffix}", arch=arch).to(device).eval()
 
     result: dict = {}
     result.update(bench_ar_generation(ar, device, repeats, args.quick))
@@ -189,8 +207,9 @@ def main(argv=None) -> None:
     on_cuda = device.type == "cuda"
     result["device"] = torch.cuda.get_device_name(device) if on_cuda else f"cpu x{torch.get_num_threads()}"
     result["preset"] = f"ar{suffix}/nar{suffix}"
+    result["arch"] = arch
     result["torch"] = torch.__version__
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ from test_models import make_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FIXTURE = Path(__file__).parent / "fixtures" / "enhuiz_tiny.json"
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny_models.json"
 # the fixture's batch: (t_text, t_prom, t_resp) per sample, phone ids below 64
 FIXTURE_LENS = [(7, 20, 15), (12, 9, 30)]
+FIXTURE_MODELS = ("ar-tiny", "nar-tiny", "paper-ar-tiny", "paper-nar-tiny")
 
 
 def _digest(model: torch.nn.Module) -> str:
@@ -34,34 +35,45 @@ def _digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _fixed_enhuiz(name: str) -> torch.nn.Module:
+def _fixed_model(name: str) -> torch.nn.Module:
+    """``ar-tiny``/``nar-tiny`` (enhuiz) or ``paper-ar-tiny``/``paper-nar-tiny``, seeded, 64 phone ids."""
     torch.manual_seed(1234)
-    return get_model(name, n_text_tokens=64).eval()
+    arch = "paper" if name.startswith("paper-") else "enhuiz"
+    return get_model(name.removeprefix("paper-"), n_text_tokens=64, arch=arch).eval()
 
 
-@pytest.mark.parametrize("name", ["ar-tiny", "nar-tiny"])
-def test_enhuiz_is_unchanged(name):
-    """Parameter names, shapes, initialization and outputs of the enhuiz core, recorded before the paper
-    core existed (tests/fixtures/enhuiz_tiny.json)."""
-    fx = json.loads(FIXTURE.read_text())[name]
-    model = _fixed_enhuiz(name)
-    assert {k: list(v.shape) for k, v in model.state_dict().items()} == fx["state_dict"]
-    assert _digest(model) == fx["init_sha256"]
+@torch.no_grad()
+def _record(name: str) -> dict:
+    """What the fixture keeps of a fixed-seed model: parameter names and shapes, a digest of the initial
+    weights, a few logits, and greedy (and for the AR sampled, RAS) generations."""
+    model = _fixed_model(name)
+    rec = {"state_dict": {k: list(v.shape) for k, v in model.state_dict().items()}, "init_sha256": _digest(model)}
     text, proms, resps = make_batch(FIXTURE_LENS, seed=5, n_text=64)
-    with torch.no_grad():
-        if name.startswith("ar"):
-            logits = model.logits(text, proms, resps)
-            gen = model.generate(text, proms, max_steps=12, temperature=0.0, prefix_list=[r[:5, 0] for r in resps])
-            assert [g.tolist() for g in gen] == fx["greedy"]
-            g = torch.Generator().manual_seed(7)
-            sampled = model.generate(text, proms, max_steps=12, temperature=1.0, top_p=0.9, generator=g, ras=True)
-            assert [s.tolist() for s in sampled] == fx["sampled"]
-        else:
-            logits = model.logits(text, proms, resps, torch.tensor([3, 5]))
-            gen = model.generate(text, proms, [r[:, :1] for r in resps], temperature=0.0)
-            assert [g[:6].tolist() for g in gen] == fx["greedy"]
-    for lg, head in zip(logits, fx["logits_head"]):
-        torch.testing.assert_close(lg[:3, :4].flatten(), torch.tensor(head), atol=1e-4, rtol=0)
+    if model.kind == "ar":
+        logits = model.logits(text, proms, resps)
+        gen = model.generate(text, proms, max_steps=12, temperature=0.0, prefix_list=[r[:5, 0] for r in resps])
+        rec["greedy"] = [g.tolist() for g in gen]
+        g = torch.Generator().manual_seed(7)
+        sampled = model.generate(text, proms, max_steps=12, temperature=1.0, top_p=0.9, generator=g, ras=True)
+        rec["sampled"] = [s.tolist() for s in sampled]
+    else:
+        logits = model.logits(text, proms, resps, torch.tensor([3, 5]))
+        rec["greedy"] = [g[:6].tolist() for g in model.generate(text, proms, [r[:, :1] for r in resps], temperature=0.0)]
+    rec["logits_head"] = [[round(float(x), 5) for x in lg[:3, :4].flatten()] for lg in logits]
+    return rec
+
+
+@pytest.mark.parametrize("name", FIXTURE_MODELS)
+def test_models_are_unchanged(name):
+    """Both cores stay what they were when the fixture was recorded (the enhuiz entries before the paper
+    core existed): names, shapes, initialization, logits and generations. Regenerate the fixture only for
+    a deliberate change: ``python tests/test_arch.py``."""
+    want = json.loads(FIXTURE.read_text())[name]
+    got = _record(name)
+    for key in ("state_dict", "init_sha256", "greedy", "sampled"):
+        assert got.get(key) == want.get(key), key
+    for lg, head in zip(got["logits_head"], want["logits_head"]):
+        torch.testing.assert_close(torch.tensor(lg), torch.tensor(head), atol=1e-4, rtol=0)
 
 
 def test_old_enhuiz_export_loads_and_synthesizes(tmp_path):
@@ -76,7 +88,7 @@ def test_old_enhuiz_export_loads_and_synthesizes(tmp_path):
     phone_map = {"<s>": 1, "</s>": 2} | {p: i for i, p in enumerate(sorted(set(g2p.encode("a cat"))), start=3)}
     paths = {}
     for kind in ("ar", "nar"):
-        model = _fixed_enhuiz(f"{kind}-tiny")
+        model = _fixed_model(f"{kind}-tiny")
         hparams = dict(model.hparams)
         hparams.pop("arch")  # as exports made before the paper core
         data = {
@@ -282,3 +294,8 @@ def test_tied_table_survives_engine_checkpoint_and_export(tmp_path, zero_stage):
         model.audio_emb.weight[0, 5] += torch.randn(64)
         moved = torch.cat(model.logits(text, proms, resps)) - logits
     assert moved[:, 5].abs().max() > 1e-3
+
+
+if __name__ == "__main__":  # rewrite the fixture (only for a deliberate change of a core)
+    torch.set_num_threads(1)
+    FIXTURE.write_text(json.dumps({name: _record(name) for name in FIXTURE_MODELS}, indent=1) + "\n")
