@@ -145,7 +145,8 @@ def count_syncs(ar, nar, device: torch.device) -> dict:
     return out
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--preset", default="quarter", help="quarter (default) | half | full | tiny")
@@ -156,6 +157,11 @@ def main(argv=None) -> None:
         "--amp", default="none", choices=["none", "bf16", "fp16"],
         help="also time training under autocast in this dtype (extra *_<amp> keys; the fixed keys stay fp32)",
     )  # fmt: skip
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
