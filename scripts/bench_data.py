@@ -268,7 +268,8 @@ def activation_kb_per_token(preset: str, tokens: int = 1500) -> float:
     return round(sum(saved) / tokens / 1024, 1)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--utterances", type=int, default=100_000)
     parser.add_argument("--workdir", default="/tmp/vall_e_bench_data")
@@ -281,6 +282,11 @@ def main() -> None:
                         help="override the recipe's prompt_mode (the LibriTTS recipes use paper)")
     parser.add_argument("--skip-build", action="store_true", help="reuse an existing index (index_build_s = null)")
     parser.add_argument("--activations", action="store_true", help="also measure activation kB per token (quarter, full)")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     import torch

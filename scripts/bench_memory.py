@@ -32,7 +32,8 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/vall_e_bench_memory")
     parser.add_argument("--utterances", type=int, default=240)
@@ -42,6 +43,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--max-seconds", type=float, default=12.0, help="longest utterance kept (CPU speed)")
     parser.add_argument("overrides", nargs="*", help="extra key=value config words")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     import bench_data

@@ -164,7 +164,8 @@ def _batch_setting(word: str) -> float | None:
     return None if word == "auto" else float(word)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=120.0, help="audio to encode (default 120)")
     parser.add_argument("--device", default="cpu")
@@ -177,6 +178,11 @@ def main() -> None:
     parser.add_argument("--compare-cpu", action="store_true",
                         help="report agreement: share of frames whose 8 codes equal CPU float64 one-file codes")
     parser.add_argument("--skip-memory", action="store_true")
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
 
     import torch

@@ -224,7 +224,8 @@ def long_form(url: str, voice: str, steps: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (unknown words are config words for the server)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", type=Path, default=REPO / "out" / "bench_serve", help="models and voice go here")
     p.add_argument("--preset", default="quarter", help="model size when no checkpoints are given (default quarter)")
@@ -236,6 +237,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level (default 16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-unbatched", action="store_true", help="skip the --max-batch 1 comparison")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = build_parser()
     args, words = p.parse_known_args(argv)
     if not any(w.startswith("codec_weights=") for w in words):
         words.append("codec_weights=untrained")

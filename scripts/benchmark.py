@@ -1,10 +1,11 @@
 """Model benchmark: AR generation (KV cache vs recompute), NAR inference and training steps.
 
-Prints one JSON object. Shapes follow the issue's reference measurements: a 3 s prompt (225
-frames), 40 phones, batch 1 (and 8), 10 s of audio = 750 frames; training at batch 4 with 40
-phones, 225 prompt frames and 300 response frames (forward + backward + Adam step). Generation
-runs exactly the stated number of steps (``ignore_stop=True``). Weights are random: speed does not
-depend on them. Each timing is the best of ``--repeats`` runs (the CPU may be shared).
+Prints one JSON object. Shapes are those the reference implementation was timed at, for
+comparison: a 3 s prompt (225 frames), 40 phones, batch 1 (and 8), 10 s of audio = 750 frames;
+training at batch 4 with 40 phones, 225 prompt frames and 300 response frames (forward + backward
++ Adam step). Generation runs exactly the stated number of steps (``ignore_stop=True``). Weights are
+random: speed does not depend on them. Each timing is the best of ``--repeats`` runs (the CPU may be
+shared).
 
 It also counts host syncs (operations that make the host wait for the device, see
 ``vall_e/utils/syncs.py``) in untimed runs: ``*_train_syncs`` per training step (forward and
@@ -148,7 +149,8 @@ def count_syncs(ar, nar, device: torch.device) -> dict:
     return out
 
 
-def main(argv=None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--preset", default="quarter", help="quarter (default) | half | full | tiny")
@@ -161,6 +163,11 @@ def main(argv=None) -> None:
     )  # fmt: skip
     parser.add_argument("--arch", default="enhuiz", choices=["enhuiz", "paper", "both"],
                         help="model core (both: each on the same inputs, side by side)")
+    return parser
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)

@@ -172,9 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     return entry_point(_main)(argv)
 
 
-def _main(argv: list[str] | None) -> int:
-    from vall_e.utils.outputs import describe_file, refuse_inputs, writable_file
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("cuts", type=Path, help="libriheavy_cuts_<subset>.jsonl.gz (or .jsonl)")
     parser.add_argument("out", type=Path, help="segment manifest to write (.jsonl)")
@@ -185,6 +184,13 @@ def _main(argv: list[str] | None) -> int:
                         "upper: upper-case normalized text")
     parser.add_argument("--min-seconds", type=float, default=0.0)
     parser.add_argument("--max-seconds", type=float, default=float("inf"))
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    from vall_e.utils.outputs import describe_file, refuse_inputs, writable_file
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.cuts.is_file():
         print(f"error: {args.cuts} does not exist; download Libriheavy's manifests first "

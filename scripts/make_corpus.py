@@ -141,7 +141,8 @@ def make_corpus(
     return [job[-1] for job in jobs_list]
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     parser = argparse.ArgumentParser(description="Make a LibriTTS-shaped espeak-ng corpus.")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--speakers", type=int, default=4, help="number of speakers (voices)")
@@ -149,6 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-words", type=int, default=None, help="use only sentences this short (words)")
     parser.add_argument("--jobs", type=int, default=4, help="parallel espeak-ng processes")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     wavs = make_corpus(args.out_dir, args.speakers, args.utts, args.seed, args.max_words, args.jobs)
     print(f"wrote {len(wavs)} utterances of {args.speakers} speakers under {args.out_dir}")

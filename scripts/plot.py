@@ -33,12 +33,18 @@ def read_records(log_file: Path) -> list[dict]:
     return records
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stats", nargs="+", help="stat names, e.g. loss acc lr grad_norm frames_per_s gen_match")
     parser.add_argument("--log-dir", type=Path, default=Path("logs"), help="folder searched for log.txt files")
     parser.add_argument("--out", type=Path, default=None, help="PNG path (default <log-dir>/<stats>.png)")
     parser.add_argument("--split", action="append", help="only these splits (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     import matplotlib

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     return entry_point(_main)(argv)
 
 
-def _main(argv: list[str] | None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subset", default="test-clean", choices=SUBSETS)
     parser.add_argument("--root", type=Path, default=Path("data/LibriSpeech"))
@@ -54,6 +55,11 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--min-seconds", type=float, default=4.0)
     parser.add_argument("--max-seconds", type=float, default=10.0)
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     prep = _libritts()

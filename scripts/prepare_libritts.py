@@ -224,10 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     return entry_point(_main)(argv)
 
 
-def _main(argv: list[str] | None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [w for w in argv if "=" in w and not w.startswith("-")]
-    rest = [w for w in argv if w not in overrides]
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (key=value words, for qnt, are split off before it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--subsets", nargs="+", default=["dev-clean"], help=f"any of {', '.join(SUBSETS)}")
     parser.add_argument("--root", type=Path, default=Path("data/LibriTTS"))
@@ -239,6 +237,14 @@ def _main(argv: list[str] | None) -> int:
     parser.add_argument("--skip-qnt", action="store_true")
     parser.add_argument("--skip-g2p", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def _main(argv: list[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [w for w in argv if "=" in w and not w.startswith("-")]
+    rest = [w for w in argv if w not in overrides]
+    parser = build_parser()
     args = parser.parse_args(rest)
     unknown = [s for s in args.subsets if s not in SUBSETS]
     if unknown:

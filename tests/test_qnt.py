@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 import torchaudio.functional as AF
 
-from vall_e.emb import qnt
+from vall_e.emb import codec, qnt
 from vall_e.utils.helpers import atomic_path, find_files, sibling
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,7 +80,7 @@ def test_untrained_codes_are_diverse_and_weights_path_loads(tmp_path: Path) -> N
 def test_untrained_codec_is_reproducible_and_matches_data_test(monkeypatch) -> None:
     """A rebuilt untrained codec gives exactly the shipped data/test codes (made in another process)
     and leaves the global RNG alone."""
-    monkeypatch.setattr(qnt, "_codecs", {})  # force a rebuild
+    monkeypatch.setattr(codec, "_codecs", {})  # force a rebuild
     state = torch.random.get_rng_state()
     for name in ("test", "test2"):
         shipped = torch.load(REPO / "data" / "test" / f"{name}.qnt.pt")
@@ -154,10 +154,10 @@ def test_flac_suffix(tmp_path: Path, speech) -> None:
 
 
 def test_decode_round_trip_shapes(prepared_corpus: Path, tmp_path: Path, caplog, monkeypatch) -> None:
-    monkeypatch.setattr(qnt, "_warned_untrained_decode", False)
+    monkeypatch.setattr(codec, "_warned_untrained_decode", False)
     codes = torch.load(find_files(prepared_corpus, ".qnt.pt")[0])[..., :60]
     t = codes.shape[-1]
-    with caplog.at_level(logging.WARNING, logger="vall_e.emb.qnt"):
+    with caplog.at_level(logging.WARNING, logger="vall_e.emb.codec"):
         wav, sr = qnt.decode(codes, **UNTRAINED)
         wav2, _ = qnt.decode(codes[0].T, **UNTRAINED)  # (t, q), as the models produce
     assert sr == 24_000 and wav.shape == wav2.shape == (1, t * 320) and wav.dtype == torch.float32
@@ -205,7 +205,7 @@ def test_pretrained_offline_error_says_how_to_proceed(monkeypatch) -> None:
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
-    monkeypatch.setattr(qnt, "_codecs", {})
+    monkeypatch.setattr(codec, "_codecs", {})
     with pytest.raises(qnt.CodecUnavailableError) as err:
         qnt.load_codec("pretrained", "cpu")
     message = str(err.value)
@@ -298,13 +298,13 @@ def test_every_encode_entry_point_runs_exact_and_restores(torch_math, monkeypatc
     before = math_state()
     assert not is_exact(before) and before["legacy_matmul"] == "high"
     seen: list[dict[str, object]] = []
-    encode_padded = qnt._encode_padded
+    encode_padded = codec._encode_padded
 
     def spy(*args, **kwargs):
         seen.append(math_state())
         return encode_padded(*args, **kwargs)
 
-    monkeypatch.setattr(qnt, "_encode_padded", spy)
+    monkeypatch.setattr(codec, "_encode_padded", spy)
     wav, sr = sf.read(str(REPO / "data" / "test" / "test2.wav"), dtype="float32")
     clip = torch.from_numpy(wav[: sr // 2])
     sf.write(str(tmp_path / "a.wav"), clip.numpy(), sr)
@@ -352,7 +352,7 @@ def test_exact_math_restores_mixed_api_state_when_nested_concurrent_or_failing(t
     assert is_exact(math_state())  # the other thread is still encoding
     release.set()
     thread.join(30)
-    assert math_state() == before and qnt._exact_depth == 0
+    assert math_state() == before and codec._exact_depth == 0
 
 
 def test_default_encoder_dtype_is_float64_everywhere() -> None:

@@ -1,4 +1,5 @@
-"""Issue 10: checkpoints that are whole or absent, safe resume, fallback, signals, the run lock, run names.
+"""Training state you can trust: checkpoints that are whole or absent, safe resume, fallback, signals,
+the run lock, run names.
 
 One short training run (``base_run``, module-scoped) makes checkpoints at steps 2, 4 and 6; each test
 copies its folder and damages the copy the way a user, a crash or an attacker would.
@@ -406,7 +407,7 @@ def test_phone_maps_merge_keeping_the_source_ids():
     assert _merge_phone_maps(source, data) == {"<s>": 1, "</s>": 2, "a": 3, "b": 4, "_": 5, "c": 6}
 
 
-# -- the corpus index (issue item 9) ---------------------------------------------------------------
+# -- the corpus index: a damaged file is named and rebuilt -----------------------------------------
 
 
 @pytest.mark.parametrize("victim", ["meta.json", "key.npy"])

@@ -1,4 +1,4 @@
-"""TensorBoard monitoring (issue 12): event files mirror the JSON log, carry eval audio and settings;
+"""TensorBoard monitoring: event files mirror the JSON log, carry eval audio and settings;
 ``tensorboard=false`` writes none; W&B goes through DeepSpeed's monitor; a missing package is not fatal."""
 
 from __future__ import annotations
@@ -148,6 +148,7 @@ def test_event_files_hold_eval_audio_and_settings(runs):
     assert start.hparams["model"].string_value == "ar-tiny"
     assert start.hparams["lr"].number_value == pytest.approx(1e-3)
     assert start.hparams["batch_size"].number_value == 2
+    assert start.hparams["precision"].string_value == "fp32"  # the trainer passes the engine's precision
     if "prompt_mode" in Config.field_names():
         assert start.hparams["prompt_mode"].string_value == "speaker"
 
@@ -214,3 +215,14 @@ def test_sigterm_leaves_complete_event_files(tmp_path, prepared_corpus):
     (events,) = _events(logs)
     ea = _accumulator(events.parent)
     assert [e.step for e in ea.Scalars("train/loss")] == steps
+
+
+def test_monitor_does_not_import_engines():
+    """The dependency runs one way: engines builds the DeepSpeed config with the monitor's W&B section,
+    and the monitor is told the precision instead of importing engines (no import circle)."""
+    import ast
+
+    tree = ast.parse(Path(monitor.__file__).read_text(encoding="utf-8"))
+    imported = [alias.name if isinstance(node, ast.Import) else f"{node.module or ''}.{alias.name}"
+                for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names]
+    assert not [name for name in imported if "engines" in name], imported

@@ -7,9 +7,9 @@
 Protocol (VALL-E, arXiv 2301.02111, sections 5.1-5.2; VALL-E 2, arXiv 2406.05370, section 4.1):
 
 - Test set: utterances of ``--min-seconds``..``--max-seconds`` (4-10 s, both ends included), in the
-  order of the list: sorted by speaker, then id (see :func:`build_list`).
+  order of the list: sorted by speaker, then id (see :func:`vall_e.testset.build_list`).
 - ``--mode cross`` (default, the paper's "VALL-E"): the prompt is a ``--prompt-seconds`` (3 s) crop of
-  another utterance of the same speaker, both drawn with ``--seed`` (:func:`plan_prompts`).
+  another utterance of the same speaker, both drawn with ``--seed`` (:func:`vall_e.testset.plan_prompts`).
   ``--mode continual`` ("VALL-E-continual"): the prompt is the utterance's own first 3 s; the model
   continues it. ``--mode reference`` (VALL-E 2's "reference utterance as prompt"): in each speaker's
   sorted list, utterance i is prompted by the whole utterance i-1, the first by the last.
@@ -35,6 +35,10 @@ and ``items.jsonl``, the resumable cache: every scored (row, run, utterance) is 
 it is done, with a fingerprint of everything that decides its result (test item, prompt, backends,
 model files, sampling options, codec). Rerunning the same command skips what is done; a changed
 setting recomputes the affected items instead of reusing stale ones.
+
+Where things are: the test list and prompt choice are :mod:`vall_e.testset`; WER/SIM of one audio
+and a row's summary are :mod:`vall_e.scoring`; this module runs the rows (with the cache), writes
+the outputs and is the command line.
 """
 
 from __future__ import annotations
@@ -47,238 +51,42 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from .inference import add_sampling_arguments, sampling_options
+from .scoring import PAPER_ROWS, Scorer, aggregate, codec_round_trip, markdown_table, score
+from .testset import (  # re-exported: scripts and tests import the test-list functions from here too
+    LIST_COLUMNS,
+    EvalError,
+    Prompt,
+    Utterance,
+    build_list,
+    load_wav,
+    plan_prompts,
+    read_list,
+    select,
+    write_list,
+)
 from .utils.errors import entry_point
 from .utils.outputs import note_replacing, refuse_inputs, writable_file, writable_folder
 from .utils.paths import inside
 
 if TYPE_CHECKING:
-    from torch import Tensor
-
     from .inference import Synthesizer
-    from .metrics import ASR, SpeakerEmbedder
+
+__all__ = ["EvalError", "LIST_COLUMNS", "PAPER_ROWS", "Prompt", "Scorer", "Utterance", "aggregate", "build_list",
+           "build_parser", "codec_round_trip", "load_test_set", "load_wav", "main", "markdown_table", "plan_prompts",
+           "read_list", "score", "select", "write_list"]
 
 ROWS = ("ground_truth", "codec", "model")
 MODES = ("cross", "continual", "reference")
-LIST_COLUMNS = ("id", "audio", "text", "speaker", "seconds")
 CACHE_VERSION = 1
-PAPER_ROWS = {  # arXiv 2301.02111 Table 2 (LibriSpeech test-clean 4-10 s): WER %, SIM
-    "ground_truth": (2.2, 0.754),
-    "model": (5.9, 0.580),
-    "model (continual)": (3.8, 0.508),
-}
 
 logger = logging.getLogger("vall_e.evaluate")  # not __name__: stable under python -m
-
-
-class EvalError(ValueError):
-    """A user mistake or an unusable input; the message says what was wrong and how to fix it."""
-
-
-# --------------------------------------------------------------------------------------------
-# the test list
-
-
-@dataclass(frozen=True)
-class Utterance:
-    """One test item: ``audio`` (absolute path), its transcript, speaker and duration in seconds."""
-
-    id: str
-    audio: Path
-    text: str
-    speaker: str
-    seconds: float
-
-
-def audio_seconds(path: Path) -> float:
-    """Duration of an audio file from its header (no decoding), in seconds rounded to 1 ms (as the list
-    stores it, so a folder and its list give the same test set and prompts)."""
-    import soundfile as sf
-
-    try:
-        info = sf.info(str(path))
-    except Exception as e:
-        raise EvalError(f"{path}: cannot read audio ({str(e).strip() or type(e).__name__})") from None
-    return round(info.frames / info.samplerate, 3)
-
-
-def _sorted(utts: Iterable[Utterance]) -> list[Utterance]:
-    """The list order: speaker, then utterance id (plain string order)."""
-    return sorted(utts, key=lambda u: (u.speaker, u.id))
-
-
-def _check_unique(utts: Sequence[Utterance], where: str) -> None:
-    seen: dict[str, Utterance] = {}
-    for u in utts:
-        if u.id in seen:
-            raise EvalError(f"{where}: utterance id {u.id!r} occurs twice ({seen[u.id].audio} and {u.audio}); "
-                            "ids must be unique in a test set")
-        seen[u.id] = u
-
-
-def list_from_librispeech(folder: Path) -> list[Utterance]:
-    """Every utterance of a LibriSpeech subset folder (``<spk>/<chapter>/<spk>-<chapter>.trans.txt``
-    with ``<id>.flac`` beside it); the speaker is the id's first field."""
-    out = []
-    for trans in sorted(folder.rglob("*.trans.txt")):
-        for n, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            uid, _, text = line.strip().partition(" ")
-            uid = _checked_id(uid, f"{trans}:{n}")  # it names the audio file beside it and the output wavs
-            audio = next((trans.parent / (uid + s) for s in (".flac", ".wav") if (trans.parent / (uid + s)).is_file()), None)
-            if audio is None or not text.strip():
-                raise EvalError(f"{trans}:{n}: {'no transcript' if audio else f'no audio file {uid}.flac beside it'}; "
-                                "is the LibriSpeech folder complete?")
-            out.append(Utterance(uid, audio.resolve(), text.strip(), uid.split("-")[0], audio_seconds(audio)))
-    return out
-
-
-def list_from_corpus(folder: Path, spkr_name_getter: str) -> list[Utterance]:
-    """Every ``<id>.wav``/``.flac`` with an ``<id>.normalized.txt`` beside it (this project's layout);
-    the speaker comes from ``spkr_name_getter`` (``lambda p: p.parts[<int>]``) on the audio path."""
-    from .config import parse_spkr_name_getter
-    from .emb.qnt import AUDIO_SUFFIXES, TEXT_SUFFIX
-    from .utils.helpers import find_files_nocase, sibling
-
-    getter = parse_spkr_name_getter(spkr_name_getter)
-    out = []
-    for audio in find_files_nocase(folder, AUDIO_SUFFIXES):
-        text_path = sibling(audio, TEXT_SUFFIX)
-        if not text_path.is_file():
-            continue  # audio without a transcript is not a test item
-        text = text_path.read_text(encoding="utf-8").strip()
-        if not text:
-            continue
-        try:
-            speaker = getter(audio)
-        except ValueError as e:
-            raise EvalError(f"{e}; pass spkr_name_getter='lambda p: p.parts[<int>]' that names the speaker folder") from None
-        uid = _checked_id(audio.name.split(".", 1)[0], str(audio))
-        out.append(Utterance(uid, audio.resolve(), text, speaker, audio_seconds(audio)))
-    return out
-
-
-def _checked_id(uid: str, where: str) -> str:
-    """``uid`` when it can name an output file (``<out>/prompts/<id>.wav``), else an :class:`EvalError`."""
-    from .utils.paths import UnsafeNameError, safe_name
-
-    try:
-        return safe_name(uid, "id", where)
-    except UnsafeNameError as e:
-        raise EvalError(f"{e}; an id names the output wavs (<out>/prompts/<id>.wav), so use plain names "
-                        "such as 1089-134686-0000") from None
-
-
-# the list's seconds pick prompt windows; a value off by more than this from the audio is a wrong list
-SECONDS_TOLERANCE = 0.1
-
-
-def is_librispeech(folder: Path) -> bool:
-    return next(folder.rglob("*.trans.txt"), None) is not None
-
-
-def build_list(
-    source: Path, min_seconds: float = 4.0, max_seconds: float = 10.0, spkr_name_getter: str = "lambda p: p.parts[-2]",
-    max_utterances: int = 0, seed: int = 0,
-) -> list[Utterance]:
-    """The test list of a folder: LibriSpeech (any ``*.trans.txt`` inside) or this project's layout.
-
-    Keeps ``min_seconds <= seconds <= max_seconds`` (``max_seconds`` 0 = no upper bound), sorts by
-    speaker then id. ``max_utterances`` > 0 keeps a subset: ``random.Random(seed).sample`` of the
-    sorted list, sorted again (the same seed and list give the same subset everywhere).
-    """
-    if not source.is_dir():
-        raise EvalError(f"{source}: no such folder")
-    utts = list_from_librispeech(source) if is_librispeech(source) else list_from_corpus(source, spkr_name_getter)
-    if not utts:
-        raise EvalError(f"{source}: no utterances found (expected LibriSpeech <spk>/<chapter>/*.trans.txt with .flac "
-                        "files, or <id>.wav/.flac with <id>.normalized.txt beside each)")
-    _check_unique(utts, str(source))
-    return select(utts, min_seconds, max_seconds, max_utterances, seed, str(source))
-
-
-def select(utts: Sequence[Utterance], min_seconds: float, max_seconds: float, max_utterances: int = 0, seed: int = 0,
-           where: str = "") -> list[Utterance]:
-    """The duration filter, the optional seeded subset and the list order (see :func:`build_list`)."""
-    keep = [u for u in utts if u.seconds >= min_seconds - 1e-9 and (max_seconds <= 0 or u.seconds <= max_seconds + 1e-9)]
-    if not keep:
-        lo, hi = (min((u.seconds for u in utts), default=0), max((u.seconds for u in utts), default=0))
-        raise EvalError(f"{where}: none of the {len(utts)} utterances ({lo:.1f}-{hi:.1f} s) lies within "
-                        f"--min-seconds {min_seconds} and --max-seconds {max_seconds}; widen the range")
-    keep = _sorted(keep)
-    if 0 < max_utterances < len(keep):
-        keep = _sorted(random.Random(seed).sample(keep, max_utterances))
-    return keep
-
-
-def write_list(utts: Sequence[Utterance], path: Path) -> None:
-    """Write the list as TSV with a header (:data:`LIST_COLUMNS`); audio paths relative to the list's
-    folder when they lie under it, else absolute; seconds with 3 decimals."""
-    from .utils.helpers import atomic_write_text
-
-    buf = io.StringIO()
-    w = csv.writer(buf, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
-    w.writerow(LIST_COLUMNS)
-    base = path.resolve().parent
-    for u in utts:
-        try:
-            audio = u.audio.relative_to(base).as_posix()
-        except ValueError:
-            audio = str(u.audio)
-        w.writerow([u.id, audio, u.text, u.speaker, f"{u.seconds:.3f}"])
-    atomic_write_text(buf.getvalue(), path)
-
-
-def read_list(path: Path) -> list[Utterance]:
-    """Read a TSV test list (see :func:`write_list`); relative audio paths are taken from the list's folder."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"{path}: cannot read the test list as UTF-8 text ({e})") from None
-    rows = list(csv.reader(io.StringIO(text), delimiter="\t"))
-    if not rows or tuple(c.strip() for c in rows[0]) != LIST_COLUMNS:
-        raise EvalError(f"{path}: a test list is a TSV file whose first line is the header "
-                        f"{chr(9).join(LIST_COLUMNS)!r} (make one with --make-list)")
-    out = []
-    for n, row in enumerate(rows[1:], start=2):
-        if not any(c.strip() for c in row):
-            continue
-        if len(row) != len(LIST_COLUMNS):
-            raise EvalError(f"{path}:{n}: expected {len(LIST_COLUMNS)} tab-separated columns "
-                            f"({', '.join(LIST_COLUMNS)}), got {len(row)}")
-        uid, audio, text, speaker, seconds = (c.strip() for c in row)
-        if not uid or not text or not speaker:
-            raise EvalError(f"{path}:{n}: id, text and speaker must not be empty")
-        uid = _checked_id(uid, f"{path}:{n}")
-        audio_path = Path(audio) if Path(audio).is_absolute() else path.resolve().parent / audio
-        if not audio_path.is_file():
-            raise EvalError(f"{path}:{n}: audio file {audio_path} not found")
-        try:
-            secs = float(seconds)
-        except ValueError:
-            raise EvalError(f"{path}:{n}: seconds {seconds!r} is not a number") from None
-        if not math.isfinite(secs) or secs <= 0:
-            raise EvalError(f"{path}:{n}: seconds {seconds!r} must be a positive number (the audio's duration)")
-        try:
-            actual = audio_seconds(audio_path)  # a header read: the prompt windows must lie inside the audio
-        except EvalError as e:
-            raise EvalError(f"{path}:{n}: {e}") from None
-        if abs(actual - secs) > SECONDS_TOLERANCE:
-            raise EvalError(f"{path}:{n}: seconds {seconds} but {audio_path.name} is {actual:.3f} s long; correct the "
-                            "column, or remake the list with --make-list")
-        out.append(Utterance(uid, audio_path.resolve(), text, speaker, secs))
-    if not out:
-        raise EvalError(f"{path}: the test list has no utterances")
-    _check_unique(out, str(path))
-    return out
 
 
 def load_test_set(source: Path, args: argparse.Namespace, spkr_name_getter: str) -> list[Utterance]:
@@ -288,79 +96,6 @@ def load_test_set(source: Path, args: argparse.Namespace, spkr_name_getter: str)
     if source.is_dir():
         return build_list(source, args.min_seconds, args.max_seconds, spkr_name_getter, args.max_utterances, args.seed)
     raise EvalError(f"{source}: no such test list or folder")
-
-
-# --------------------------------------------------------------------------------------------
-# prompts
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """The prompt of one test item: ``source`` utterance's audio from ``start`` to ``end`` seconds
-    (``end`` None = to its end); ``text`` is the source's full transcript."""
-
-    source: str
-    audio: Path
-    start: float
-    end: Optional[float]
-    text: str
-
-    @property
-    def whole(self) -> bool:
-        return self.start == 0 and self.end is None
-
-
-def _rng(seed: int, *key: Any) -> random.Random:
-    """A generator seeded by ``seed`` and ``key`` (a string seed: the same in every process)."""
-    return random.Random(":".join(str(k) for k in (seed, *key)))
-
-
-def plan_prompts(utts: Sequence[Utterance], mode: str, seed: int, prompt_seconds: float) -> dict[str, Prompt]:
-    """The prompt of every utterance that can have one in ``mode`` (others are left out and reported).
-
-    - cross: another utterance of the same speaker, drawn with ``random.Random("<seed>:<id>")``, and a
-      ``prompt_seconds`` window of it starting uniformly in ``[0, its seconds - prompt_seconds]``
-      (rounded to 10 ms; the whole utterance when shorter). Speakers with one utterance have none.
-    - continual: the utterance's own first ``prompt_seconds`` (it must be longer than that).
-    - reference: the whole previous utterance of the speaker in list order; the first takes the last.
-    """
-    by_spk: dict[str, list[Utterance]] = {}
-    for u in _sorted(utts):
-        by_spk.setdefault(u.speaker, []).append(u)
-    plan: dict[str, Prompt] = {}
-    for spk_utts in by_spk.values():
-        for i, u in enumerate(spk_utts):
-            if mode == "continual":
-                if u.seconds > prompt_seconds + 0.5:
-                    plan[u.id] = Prompt(u.id, u.audio, 0.0, prompt_seconds, u.text)
-                continue
-            others = [o for o in spk_utts if o.id != u.id]
-            if not others:
-                continue
-            if mode == "reference":
-                src = spk_utts[i - 1]  # i = 0 takes the last
-                plan[u.id] = Prompt(src.id, src.audio, 0.0, None, src.text)
-            else:
-                rng = _rng(seed, u.id)
-                src = rng.choice(others)
-                room = src.seconds - prompt_seconds
-                if room <= 0:
-                    plan[u.id] = Prompt(src.id, src.audio, 0.0, None, src.text)
-                else:
-                    start = round(rng.uniform(0.0, room), 2)
-                    plan[u.id] = Prompt(src.id, src.audio, start, round(start + prompt_seconds, 2), src.text)
-    return plan
-
-
-def load_wav(path: Path, start: float = 0.0, end: Optional[float] = None) -> tuple["Tensor", int]:
-    """Mono float32 ``(n,)`` and its sample rate, from ``start`` to ``end`` seconds."""
-    from .emb import qnt
-
-    try:
-        wav, sr = qnt.load_audio(path, start if start > 0 else None, end)
-    except qnt.AudioError as e:
-        raise EvalError(str(e)) from None
-    return wav.mean(0), sr
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,71 +162,6 @@ class ItemCache:
 
 
 # --------------------------------------------------------------------------------------------
-# scoring
-
-
-@dataclass
-class Scorer:
-    """The ASR and the speaker embedder, with the prompt embeddings cached for this invocation."""
-
-    asr: "ASR"
-    speaker: "SpeakerEmbedder"
-    sim_against: str = "original"
-    codec_weights: str = "pretrained"
-    device: str = "cpu"
-    calls: dict[str, int] = field(default_factory=lambda: {"asr": 0, "speaker": 0, "synthesis": 0})
-    _prompt_emb: dict[tuple, "Tensor"] = field(default_factory=dict)
-
-    def transcribe(self, wav: "Tensor", sr: int) -> str:
-        self.calls["asr"] += 1
-        return self.asr.transcribe(wav, sr)
-
-    def embed(self, wav: "Tensor", sr: int) -> "Tensor":
-        self.calls["speaker"] += 1
-        return self.speaker.embed(wav, sr)
-
-    def prompt_embedding(self, p: Prompt) -> "Tensor":
-        key = (str(p.audio), p.start, p.end)
-        if key not in self._prompt_emb:
-            wav, sr = load_wav(p.audio, p.start, p.end)
-            if self.sim_against == "codec":
-                wav, sr = codec_round_trip(wav, sr, self.codec_weights, self.device)
-            self._prompt_emb[key] = self.embed(wav, sr)
-        return self._prompt_emb[key]
-
-    def sim(self, wav: "Tensor", sr: int, prompt: Prompt) -> float:
-        from .metrics import cosine
-
-        return cosine(self.embed(wav, sr), self.prompt_embedding(prompt))
-
-
-def codec_round_trip(wav: "Tensor", sr: int, codec_weights: str, device: str) -> tuple["Tensor", int]:
-    """EnCodec encode + decode at 6 kbps: mono ``(n,)`` at ``sr`` -> ``(n24,)`` at 24 kHz."""
-    from .emb import qnt
-
-    codes = qnt.encode(wav, sr, device=device, codec_weights=codec_weights)  # (1, 8, T)
-    out, out_sr = qnt.decode(codes, device=device, codec_weights=codec_weights)  # (1, T * 320)
-    n24 = math.ceil(wav.shape[-1] * qnt.SAMPLE_RATE / sr)
-    return out[0, :n24], out_sr
-
-
-def score(scorer: Scorer, u: Utterance, prompt: Prompt, wav: "Tensor", sr: int, mode: str,
-          prompt_seconds: float) -> dict[str, Any]:
-    """WER fields and SIM of one audio ``(n,)`` at ``sr`` for utterance ``u`` with ``prompt``.
-
-    In continual mode the SIM is taken on the audio after the first ``prompt_seconds``.
-    """
-    from .metrics import word_errors
-
-    hyp = scorer.transcribe(wav, sr)
-    e = word_errors(u.text, hyp)
-    part = wav[int(round(prompt_seconds * sr)):] if mode == "continual" else wav
-    sim = scorer.sim(part, sr, prompt) if part.numel() >= sr // 10 else float("nan")
-    return {"hyp": hyp, "ref_words": e.ref_words, "sub": e.substitutions, "del": e.deletions, "ins": e.insertions,
-            "wer": e.wer, "sim": sim, "seconds": round(wav.shape[-1] / sr, 3)}
-
-
-# --------------------------------------------------------------------------------------------
 # the rows
 
 
@@ -553,7 +223,7 @@ def _foils(utts: Sequence[Utterance], plan: dict[str, Prompt]) -> dict[str, tupl
 
 def run_reference_rows(ctx: Context, rows: Sequence[str]) -> None:
     """Score ``ground_truth`` and/or ``codec`` (deterministic: run 0 only)."""
-    from .emb.qnt import write_wav
+    from .emb.codec import write_wav
     from .metrics import cosine, word_errors
 
     foils = _foils(ctx.utts, ctx.plan)
@@ -629,7 +299,7 @@ def run_model_row(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, st
     """
     import torch
 
-    from .emb.qnt import write_wav
+    from .emb.codec import write_wav
     from .metrics import word_errors
 
     a = ctx.args
@@ -693,46 +363,6 @@ def run_model_row(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, st
 # results
 
 
-def _mean(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _std(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x is not None and not math.isnan(x)]
-    if len(xs) < 2:
-        return 0.0
-    m = sum(xs) / len(xs)
-    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-
-
-def aggregate(records: Sequence[dict[str, Any]], runs: int) -> dict[str, Any]:
-    """One row's summary: corpus WER and mean SIM per run, their means over runs (the reported numbers)."""
-    per_run: dict[int, list[dict[str, Any]]] = {}
-    for r in records:
-        per_run.setdefault(int(r["run"]), []).append(r)
-    wers, sims = [], []
-    for run in sorted(per_run):
-        rs = per_run[run]
-        ref = sum(r["ref_words"] for r in rs)
-        wers.append(sum(r["sub"] + r["del"] + r["ins"] for r in rs) / ref if ref else float("nan"))
-        sims.append(_mean([r["sim"] for r in rs]))
-    out: dict[str, Any] = {
-        "wer": _mean(wers), "sim": _mean(sims), "runs": len(per_run), "wer_runs": wers, "sim_runs": sims,
-        "wer_std": _std(wers), "sim_std": _std(sims), "wer_mean_utterance": _mean([r["wer"] for r in records]),
-        "utterances": len(per_run.get(0, [])),
-    }
-    if any("stopped" in r for r in records):
-        out["not_stopped"] = sum(1 for r in records if r.get("stopped") is False)
-        out["seconds_generated"] = round(sum(r["seconds"] for r in records), 2)
-    if any("foil_errors" in r for r in records):
-        ref = sum(r["foil_ref_words"] for r in records)
-        out["wer_shuffled_text"] = sum(r["foil_errors"] for r in records) / ref if ref else float("nan")
-    if any("sim_other_speaker" in r for r in records):
-        out["sim_other_speaker"] = _mean([r.get("sim_other_speaker", float("nan")) for r in records])
-    return out
-
-
 def _json_safe(obj: Any) -> Any:
     if isinstance(obj, float):
         return None if math.isnan(obj) or math.isinf(obj) else round(obj, 6)
@@ -781,42 +411,6 @@ def write_outputs(ctx: Context, rows: Sequence[str], backends: dict[str, Any], s
                     r.get("stopped", ""), r.get("cut") or "", r["wav"], normalize_text(u.text), normalize_text(r["hyp"])])
     atomic_write_text(buf.getvalue(), ctx.out / "utterances.csv")
     return results
-
-
-def markdown_table(results: dict[str, Any], rows: Sequence[str]) -> str:
-    """The paper-style table: WER in percent, SIM as a cosine; mean over runs (± std when runs > 1)."""
-    b, s = results["backends"], results["settings"]
-    lines = [
-        f"# VALL-E evaluation ({s['mode']} mode)",
-        "",
-        f"- ASR: {b['asr']}; speaker model: {b['speaker']}; SIM against the {s['sim_against']} prompt audio",
-        f"- test set: {results['test_set']['utterances']} utterances, {results['test_set']['speakers']} speakers, "
-        f"{results['test_set']['hours']:.2f} h ({s['min_seconds']}-{s['max_seconds']} s)",
-        f"- comparable with the paper's numbers: {'yes' if b['comparable_with_paper'] else 'NO (offline or substitute backends: compare rows with each other only)'}",
-        "",
-        "| row | WER (%) | SIM | utterances | runs |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        r = results[row]
-        wer = "n/a" if r["wer"] is None else f"{100 * r['wer']:.1f}"
-        sim = "n/a" if r["sim"] is None else f"{r['sim']:.3f}"
-        if r["runs"] > 1:
-            wer += f" ± {100 * (r['wer_std'] or 0):.1f}"
-            sim += f" ± {(r['sim_std'] or 0):.3f}"
-        name = row + (f" (best of {s['best_of']})" if row == "model" and s["best_of"] > 1 else "")
-        lines.append(f"| {name} | {wer} | {sim} | {r['utterances']} | {r['runs']} |")
-    gt = results.get("ground_truth")
-    if gt and (gt.get("wer_shuffled_text") is not None or gt.get("sim_other_speaker") is not None):
-        lines += ["", "Chance levels on this test set (ground-truth audio): "
-                  + "; ".join(x for x in (
-                      f"WER against shuffled transcripts {100 * gt['wer_shuffled_text']:.1f} %"
-                      if gt.get("wer_shuffled_text") is not None else "",
-                      f"SIM against another speaker's prompt {gt['sim_other_speaker']:.3f}"
-                      if gt.get("sim_other_speaker") is not None else "") if x)]
-    lines += ["", "Paper (arXiv 2301.02111, Table 2; HuBERT-Large ASR, WavLM-TDNN SIM): ground truth 2.2 / 0.754, "
-              "VALL-E 5.9 / 0.580, VALL-E continual 3.8 / 0.508.", ""]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -950,7 +544,7 @@ def _run(args: argparse.Namespace, codec_weights: str, spkr_name_getter: str) ->
         raise EvalError(f"no utterance has a prompt in --mode {args.mode} (cross and reference need two utterances of "
                         "a speaker; continual needs utterances longer than --prompt-seconds)")
 
-    from .emb import qnt
+    from .emb import codec
     from .export import InferenceFileError
     from .inference import SynthesisError, resolve_device
     from .metrics import PAPER_ASR, PAPER_SPEAKER, BackendUnavailableError, load_asr, load_speaker, vocabulary_of
@@ -988,7 +582,7 @@ def _run(args: argparse.Namespace, codec_weights: str, spkr_name_getter: str) ->
         dest = inside(args.out, args.out / "prompts" / f"{u.id}.wav")
         if not dest.is_file():
             wav, sr = load_wav(p.audio, p.start, p.end)
-            qnt.write_wav(wav, sr, dest)
+            codec.write_wav(wav, sr, dest)
 
     settings = {"mode": args.mode, "runs": args.runs, "best_of": args.best_of, "seed": args.seed,
                 "prompt_seconds": args.prompt_seconds, "sim_against": args.sim_against, "min_seconds": args.min_seconds,
@@ -1020,7 +614,7 @@ def _run(args: argparse.Namespace, codec_weights: str, spkr_name_getter: str) ->
             for run in range(args.runs):
                 for u in ctx.items:
                     digests[("model", run, u.id)] = ctx.digest(ms, u, plan[u.id], run)
-    except (SynthesisError, InferenceFileError, qnt.AudioError, qnt.CodecUnavailableError, BackendUnavailableError) as e:
+    except (SynthesisError, InferenceFileError, codec.AudioError, codec.CodecUnavailableError, BackendUnavailableError) as e:
         raise EvalError(str(e)) from None
 
     results = write_outputs(ctx, rows, backends, settings, digests)

@@ -387,13 +387,8 @@ def _version() -> str:
 # CLI
 
 
-@entry_point
-def main(argv: Sequence[str] | None = None) -> int:
-    from .config import Config
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    words, rest = Config.split_argv(argv)
-    cfg = Config.from_cli(words)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (config words such as ``yaml=...`` are split off before it)."""
     parser = argparse.ArgumentParser(
         prog="python -m vall_e.export",
         description="Write the latest training checkpoint of a config as a self-contained inference file.",
@@ -409,6 +404,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-clobber", action="store_true",
                         help="refuse to replace an existing output file (default: replace it atomically, saying "
                         "what it held)")
+    return parser
+
+
+@entry_point
+def main(argv: Sequence[str] | None = None) -> int:
+    from .config import Config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words, rest = Config.split_argv(argv)
+    cfg = Config.from_cli(words)
+    parser = build_parser()
     args = parser.parse_args(rest)
     if cfg.yaml_path is None:
         print(

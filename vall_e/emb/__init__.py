@@ -1,1 +1,1 @@
-"""Tokenizers: text -> phones (g2p) and audio <-> EnCodec codes (qnt)."""
+"""Tokenizers: text -> phones (g2p); audio <-> EnCodec codes (codec), and the corpus batch job over it (qnt)."""

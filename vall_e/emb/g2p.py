@@ -418,6 +418,21 @@ def phonemize_folder(
     return summary
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (config words such as ``help=true`` are split off before it)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m vall_e.emb.g2p",
+        description="Write <id>.phn.txt (g2p_en phones, '_' between words) beside every transcript.",
+        epilog="Config overrides (key=value) and help=true are accepted like every entry point. Under "
+        "torchrun (or RANK/WORLD_SIZE set) each rank does its own shard.",
+    )
+    parser.add_argument("folder", type=Path, help="corpus folder (searched recursively)")
+    parser.add_argument("--suffix", default=TEXT_SUFFIX, help=f"transcript suffix, any case (default {TEXT_SUFFIX})")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="local g2p processes (default 0: this process; each worker loads g2p_en once)")
+    return parser
+
+
 @entry_point
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point; returns the exit status (1 when any transcript failed, 2 on a setup error such
@@ -430,16 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     words = [w for w in argv if _CONFIG_WORD.match(w)]
     rest = [w for w in argv if not _CONFIG_WORD.match(w)]
     Config.from_cli(words)  # validates overrides, handles help=true; g2p itself needs no field
-    parser = argparse.ArgumentParser(
-        prog="python -m vall_e.emb.g2p",
-        description="Write <id>.phn.txt (g2p_en phones, '_' between words) beside every transcript.",
-        epilog="Config overrides (key=value) and help=true are accepted like every entry point. Under "
-        "torchrun (or RANK/WORLD_SIZE set) each rank does its own shard.",
-    )
-    parser.add_argument("folder", type=Path, help="corpus folder (searched recursively)")
-    parser.add_argument("--suffix", default=TEXT_SUFFIX, help=f"transcript suffix, any case (default {TEXT_SUFFIX})")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="local g2p processes (default 0: this process; each worker loads g2p_en once)")
+    parser = build_parser()
     args = parser.parse_args(rest)
     setup_logging()
     if not args.folder.exists():

@@ -47,10 +47,14 @@ def active() -> "Monitor | None":
     return _active
 
 
-def hyperparameters(cfg, engine=None) -> dict[str, Any]:
-    """The few settings worth comparing across runs (HPARAMS tab), as TensorBoard-friendly scalars."""
+def hyperparameters(cfg, engine=None, precision: str | None = None) -> dict[str, Any]:
+    """The few settings worth comparing across runs (HPARAMS tab), as TensorBoard-friendly scalars.
+
+    ``precision`` is the engine's training precision (``bf16``/``fp16``/``fp32``), which the trainer
+    knows (:func:`vall_e.utils.engines.precision`); it is passed in rather than computed here, so
+    this module does not import the engines module, which imports it.
+    """
     from . import distributed
-    from .engines import precision
 
     hp: dict[str, Any] = {
         "model": cfg.model,
@@ -64,13 +68,14 @@ def hyperparameters(cfg, engine=None) -> dict[str, Any]:
         "world_size": int(distributed.world_size()),
         "optimizer": cfg.optimizer,
         "weight_decay": float(cfg.weight_decay),
-        "precision": precision(cfg),
         "zero_stage": int(cfg.zero_stage),
         "max_prompts": int(cfg.max_prompts),
         "p_additional_prompt": float(cfg.p_additional_prompt),
         "codec_weights": str(cfg.codec_weights),
         "seed": int(cfg.seed),
     }
+    if precision is not None:
+        hp["precision"] = precision
     if getattr(cfg, "prompt_mode", None) is not None:
         hp["prompt_mode"] = str(cfg.prompt_mode)
     module = getattr(engine, "module", None)
@@ -86,8 +91,9 @@ class Monitor:
     DeepSpeed's ``MonitorMaster`` (W&B) or ``None``.
     """
 
-    def __init__(self, cfg, writer=None, ds_monitor=None, engine=None):
+    def __init__(self, cfg, writer=None, ds_monitor=None, engine=None, precision: str | None = None):
         self.cfg, self.writer, self.ds_monitor, self.engine = cfg, writer, ds_monitor, engine
+        self.precision = precision  # the engine's training precision, for the HPARAMS tab
         self._audio: dict[tuple[str, int], set[str]] = {}  # (split, step) -> utterances written
         self._refs: set[tuple[str, str]] = set()  # (split, utterance) whose reference is written
 
@@ -133,7 +139,7 @@ class Monitor:
                 self.writer.add_text("eval/audio_note", "codec_weights=untrained: evaluation audio is decoded by an "
                                      "untrained codec and is not speech, whatever the model learned.", step)
             writer = self.writer._get_file_writer()
-            for summary in hparams(hyperparameters(self.cfg, self.engine), {m: 0.0 for m in _METRICS}):
+            for summary in hparams(hyperparameters(self.cfg, self.engine, self.precision), {m: 0.0 for m in _METRICS}):
                 writer.add_summary(summary)  # in this run's file, so the metrics are this run's own scalars
             self.writer.flush()
         except Exception as e:
@@ -181,10 +187,11 @@ class Monitor:
             self.writer = None
 
 
-def open_monitor(cfg, engine=None, step: int = 0) -> "Monitor | None":
+def open_monitor(cfg, engine=None, step: int = 0, precision: str | None = None) -> "Monitor | None":
     """Start monitoring a run on the global leader (closing any earlier one); ``None`` where nothing is written.
 
     ``step``: where training starts (a resumed run's config text and hyper-parameters are written there).
+    ``precision``: the engine's training precision, shown among the hyper-parameters.
     """
     global _active
     from . import distributed
@@ -213,7 +220,7 @@ def open_monitor(cfg, engine=None, step: int = 0) -> "Monitor | None":
             ds_monitor = None  # wandb missing: deepspeed_monitor_config already said so
     if writer is None and ds_monitor is None:
         return None
-    _active = Monitor(cfg, writer, ds_monitor, engine)
+    _active = Monitor(cfg, writer, ds_monitor, engine, precision)
     _active.write_config(step)
     if writer is not None:
         _logger.info("TensorBoard events in %s (tensorboard --logdir %s)", cfg.log_dir, cfg.log_root)

@@ -47,7 +47,7 @@ import torch
 from ..config import Config
 from . import distributed, monitor
 from .diagnostic import check_replicas_in_sync
-from .engines import load_checkpoint, loss_scale, save_checkpoint, skip_step_unless
+from .engines import load_checkpoint, loss_scale, precision, save_checkpoint, skip_step_unless
 from .helpers import release_free_memory, to_device
 
 _logger = logging.getLogger(__name__)
@@ -433,7 +433,8 @@ class Trainer:
         previous = self._install_signal_handlers()
         try:
             if self.state.step < self.cfg.max_iter:
-                monitor.open_monitor(self.cfg, self.engine, self.state.step)  # TensorBoard/W&B, global leader only
+                # TensorBoard/W&B, global leader only
+                monitor.open_monitor(self.cfg, self.engine, self.state.step, precision=precision(self.cfg))
             return self._run()
         except _StopRun as stop:
             if stop.status == 0:
