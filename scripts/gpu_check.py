@@ -961,11 +961,11 @@ def stage_mfu(ctx: StageContext) -> None:
         preset = f"{kind}-tiny" if ctx.quick else recipe["model"]
         budget = 2000 if ctx.quick else int(recipe["batch_frames"] or 0)
         torch.manual_seed(0)
-        model = get_model(preset).to(ctx.device).train()
+        model = get_model(preset, arch=recipe.get("arch", "enhuiz")).to(ctx.device).train()
         cfg = model.config
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=ctx.cuda)
         results: dict[str, Any] = {"preset": preset, "batch_frames": budget, "batch_size": recipe["batch_size"],
-                                   "prompt_mode": recipe["prompt_mode"]}
+                                   "prompt_mode": recipe["prompt_mode"], "arch": cfg.arch}
         for label, seconds in (("median", MEDIAN_SECONDS), ("long", LONG_SECONDS)):
             seconds = 1.0 if ctx.quick else seconds
             shape = recipe_shape(kind, recipe["prompt_mode"], seconds)
@@ -1035,11 +1035,13 @@ def sdpa_report(preset_suffix: str, device: str, quick: bool = False) -> dict[st
     out: dict[str, Any] = {}
     lengths = [Shape(20, 30, 40), Shape(30, 50, 60), Shape(25, 40, 80)] if quick else \
         [Shape(65, 225, 353), Shape(50, 225, 250), Shape(80, 225, 420)]
+    # the paper core's AR trains with a prefix-LM mask (a different SDPA kernel than is_causal)
+    models = (("ar", "enhuiz", "ar"), ("ar", "paper", "ar_paper"), ("nar", "enhuiz", "nar"))
     for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        for kind in ("ar", "nar"):
+        for kind, arch, label in models:
             torch.manual_seed(0)
-            model = get_model(f"{kind}{preset_suffix}").to(device=device, dtype=dtype).train()
-            cases = {f"{kind}_train": lengths}
+            model = get_model(f"{kind}{preset_suffix}", arch=arch).to(device=device, dtype=dtype).train()
+            cases = {f"{label}_train": lengths}
             if kind == "nar":
                 cases["nar_train_equal_lengths"] = [lengths[0]] * 3
             for case, shapes in cases.items():
@@ -1051,7 +1053,7 @@ def sdpa_report(preset_suffix: str, device: str, quick: bool = False) -> dict[st
 
                 train_step()  # warm-up: kernel selection and allocations outside the profile
                 out[f"{case}_{dtype_name}"] = profile_sdpa(train_step, device)
-            if kind == "ar":
+            if label == "ar":
                 text, proms, _ = random_batch(lengths[:1], device)
                 model.eval()
 
