@@ -2,7 +2,7 @@
 """Learning benchmark on unseen speakers: train the AR and NAR per model core and seed, score them
 on held-out voices' unseen sentences; prints one JSON object.
 
-    python scripts/bench_learning.py --workdir DIR            # default size, ~30 min on 2 CPU cores (estimated)
+    python scripts/bench_learning.py --workdir DIR            # default size, ~28 min on 2 idle CPU cores (estimated)
     python scripts/bench_learning.py --quick --arch enhuiz    # ~2-minute smoke size
 
 What it does:
@@ -136,8 +136,9 @@ class Settings:
 # the default size and the --quick size; explicit flags override either
 # The default measures alignment, not only loss: an ar-tiny needs thousands of steps over >= 1,000 distinct
 # sentences before greedy decoding stops near the true length (a quarter AR at 300 steps never stops).
-# Estimated ~29 min on the 2-core development machine: per-step CPU time at batch 8 measured 0.20 s (AR)
-# and 0.28 s (NAR), about linear in the batch; ~13 s start-up per run; ~5 min for the corpus (qnt).
+# Estimated ~28 min on the 2-core development machine with nothing else running: CPU time per step at
+# batch 6 measured 0.148 s (ar-tiny) and 0.189 s (nar-tiny), ~12 s start-up per run, ~5 min for the corpus
+# (qnt of ~4,250 s of audio in two processes): 4 AR runs of ~8 min and 4 NAR runs of ~3.5 min, two at a time.
 FULL = dict(speakers=8, held_out=2, sentences=150, unseen=16, steps_ar=3000, steps_nar=1000, batch_size=6)
 QUICK = dict(speakers=4, held_out=2, sentences=12, unseen=4, steps_ar=40, steps_nar=40, batch_size=6)
 
