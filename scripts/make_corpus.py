@@ -10,13 +10,22 @@ built-in :data:`SENTENCES`, drawn per speaker from ``--seed``. Audio is espeak-n
 22.05 kHz mono 16-bit wav, so the tokenizer's resampling path is exercised. The speaker is the
 grandparent folder, i.e. ``spkr_name_getter="lambda p: p.parts[-3]"`` as for LibriTTS.
 
-Importable: ``make_corpus(out_dir, n_speakers, n_utts, ...)`` (the tests use it).
+    python scripts/make_corpus.py data/espeak --speakers 8 --utts 150 --generated
+
+``--generated``: each speaker says its own sentences from :func:`generated_sentences` (a grammar over
+word lists written for this project: thousands of distinct sentences of about 20..60 phones), for
+corpora that need more text than the built-in sentences.
+
+Importable: ``make_corpus(out_dir, n_speakers, n_utts, ...)`` (the tests use it),
+``make_voices(out_dir, texts, first_speaker)`` (given sentences per speaker) and
+``generated_sentences(n_train, n_unseen)`` (``scripts/bench_learning.py`` uses them).
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -86,6 +95,158 @@ def sentences(max_words: int | None = None) -> list[str]:
     return [s for s in SENTENCES if max_words is None or len(s.split()) <= max_words]
 
 
+# --------------------------------------------------------------------------------------------
+# generated sentences: many distinct ones, for benchmarks that need more text than SENTENCES holds
+
+# Word lists written for this project. A sentence is a subject, a verb phrase and optional parts
+# (place, time, a second clause) in one of a few forms (statement, question, exclamation, fronted
+# time); the combinations number in the millions, so thousands of distinct sentences are cheap.
+_DETERMINERS = ("the", "a", "my", "our", "your", "his", "her", "their", "that")
+_PEOPLE = (
+    "sailor", "teacher", "farmer", "baker", "pilot", "doctor", "painter", "student", "neighbor", "cousin",
+    "gardener", "fisherman", "musician", "writer", "nurse", "driver", "captain", "tailor", "miner", "dancer",
+    "carpenter", "grocer", "porter", "shepherd", "singer", "soldier", "jeweler", "plumber", "butcher", "clerk",
+    "dog", "cat", "horse", "goat", "parrot", "rabbit", "fox", "owl", "donkey", "monkey",
+)
+_PERSON_ADJECTIVES = (
+    "old", "young", "quiet", "busy", "tired", "clever", "tall", "gentle", "brave", "angry", "cheerful",
+    "careful", "lonely", "friendly", "curious", "patient", "nervous", "proud", "sleepy", "hungry", "clumsy",
+    "polite", "stubborn", "modest",
+)
+# (past tense, base form)
+_VERBS = (
+    ("painted", "paint"), ("carried", "carry"), ("repaired", "repair"), ("opened", "open"), ("found", "find"),
+    ("lost", "lose"), ("washed", "wash"), ("sold", "sell"), ("bought", "buy"), ("borrowed", "borrow"),
+    ("cleaned", "clean"), ("dropped", "drop"), ("lifted", "lift"), ("pushed", "push"), ("pulled", "pull"),
+    ("watched", "watch"), ("followed", "follow"), ("counted", "count"), ("wrapped", "wrap"), ("packed", "pack"),
+    ("hid", "hide"), ("fixed", "fix"), ("built", "build"), ("moved", "move"), ("filled", "fill"),
+    ("emptied", "empty"), ("noticed", "notice"), ("dragged", "drag"), ("polished", "polish"), ("returned", "return"),
+    ("stole", "steal"), ("kept", "keep"), ("threw", "throw"), ("caught", "catch"), ("shook", "shake"),
+    ("locked", "lock"), ("measured", "measure"), ("tied", "tie"), ("weighed", "weigh"), ("guarded", "guard"),
+)
+_THING_ADJECTIVES = (
+    "small", "heavy", "broken", "wooden", "empty", "shiny", "green", "red", "yellow", "narrow", "dusty",
+    "ancient", "enormous", "tiny", "striped", "rusty", "golden", "purple", "crooked", "spotted", "silver",
+    "fragile", "muddy", "brand new",
+)
+_THINGS = (
+    "boat", "basket", "window", "ladder", "bucket", "letter", "bicycle", "lantern", "blanket", "kettle",
+    "wagon", "box", "chair", "table", "hammer", "umbrella", "bottle", "book", "map", "coin", "drum", "fence",
+    "gate", "rope", "candle", "bell", "mirror", "suitcase", "violin", "teapot", "pillow", "saddle", "barrel",
+    "envelope", "compass", "helmet", "carpet", "shovel", "clock", "jar",
+)
+_PLACES = (
+    "near the harbor", "behind the station", "under the bridge", "beside the river", "at the market",
+    "in the garden", "inside the barn", "across the street", "on the hill", "by the old mill",
+    "next to the church", "outside the bakery", "in the village", "along the shore", "at the crossroads",
+    "in the attic", "behind the school", "near the fountain", "on the roof", "in the cellar",
+    "at the end of the lane", "by the lighthouse", "in the forest", "on the platform",
+)
+_TIMES = (
+    "last winter", "before sunrise", "every morning", "after lunch", "on Sunday", "late at night",
+    "in the spring", "yesterday afternoon", "before the storm", "during the festival", "at dawn",
+    "after the concert", "on Tuesday evening", "in the summer", "twice a week", "long ago",
+    "before breakfast", "at midnight",
+)
+_CLAUSES = (
+    "and then went home", "but nobody noticed", "because the wind was strong", "while the children slept",
+    "so everyone could rest", "although it was raining", "and everyone laughed", "before the guests arrived",
+    "when the bell rang", "until the sun went down", "as the train left", "and nobody said a word",
+    "because the road was closed", "while the kettle boiled", "but the door stayed shut",
+    "and the dog barked twice", "after the rain stopped", "since the shop was closed",
+)
+_EXCLAIMS = ("Look", "Listen", "Quick", "Imagine that", "Oh no", "Well")
+_QUESTIONS = ("Did", "Why did", "When did", "Where did", "How did")
+# rough phones per letter of English text (g2p_en, measured on these lists), for the length filter
+_PHONES_PER_LETTER = 0.81
+GENERATED_MIN_PHONES, GENERATED_MAX_PHONES = 20, 60  # estimated; the real count comes from g2p
+
+
+def estimate_phones(sentence: str) -> int:
+    """A rough phone count of ``sentence`` as :func:`vall_e.emb.g2p.encode` would give it (no g2p needed):
+    letters x 0.81, plus one ``_`` per word gap and per punctuation mark."""
+    words = re.findall(r"[A-Za-z']+", sentence)
+    letters = sum(len(w) for w in words)
+    marks = len(re.findall(r"[.,!?]", sentence))
+    return round(letters * _PHONES_PER_LETTER) + max(0, len(words) - 1) + marks
+
+
+def _generate_one(rng: random.Random) -> str:
+    """One sentence of the grammar above, drawn from ``rng``."""
+
+    def subject() -> str:
+        det = rng.choice(_DETERMINERS)
+        adj = rng.choice(_PERSON_ADJECTIVES) + " " if rng.random() < 0.6 else ""
+        noun = rng.choice(_PEOPLE)
+        if det == "a" and (adj or noun)[:1] in "aeiou":
+            det = "an"
+        return f"{det} {adj}{noun}"
+
+    def thing() -> str:
+        det = rng.choice(("the", "a", "his", "her", "their", "one", "that"))
+        adj = rng.choice(_THING_ADJECTIVES) + " " if rng.random() < 0.6 else ""
+        noun = rng.choice(_THINGS)
+        if det == "a" and (adj or noun)[:1] in "aeiou":
+            det = "an"
+        return f"{det} {adj}{noun}"
+
+    past, base = rng.choice(_VERBS)
+    place = " " + rng.choice(_PLACES) if rng.random() < 0.5 else ""
+    time = " " + rng.choice(_TIMES) if rng.random() < 0.4 else ""
+    form = rng.random()
+    if form < 0.5:
+        clause = ", " + rng.choice(_CLAUSES) if rng.random() < 0.35 else ""
+        text = f"{subject()} {past} {thing()}{place}{time}{clause}."
+    elif form < 0.7:
+        text = f"{rng.choice(_QUESTIONS)} {subject()} {base} {thing()}{place}{time}?"
+    elif form < 0.85:
+        text = f"{rng.choice(_EXCLAIMS)}, {subject()} {past} {thing()}{place}!"
+    else:
+        fronted = rng.choice(_TIMES)
+        text = f"{fronted}, {subject()} {past} {thing()}{place}."
+    return text[0].upper() + text[1:]
+
+
+def _is_unseen(sentence: str) -> bool:
+    """The fixed eighth of all generated sentences kept for evaluation (a hash of the text, so the
+    choice does not depend on how many sentences are asked for)."""
+    import hashlib
+
+    return hashlib.sha1(sentence.encode("utf-8")).digest()[0] % 8 == 0
+
+
+def generated_sentences(n_train: int, n_unseen: int = 0, seed: int = 0) -> tuple[list[str], list[str]]:
+    """``n_train`` training and ``n_unseen`` evaluation sentences, all distinct; the two lists never share one.
+
+    Deterministic in ``seed``, and each list is a prefix of the same list asked for longer: a larger
+    corpus adds sentences without changing the ones it had, and the unseen sentences do not depend
+    on ``n_train``. Sentences have about 20..60 phones (:func:`estimate_phones`; the filter is an
+    estimate, so a few land just outside), in several forms: statements, questions, exclamations,
+    with optional places, times and second clauses.
+    """
+    if n_train < 0 or n_unseen < 0:
+        raise ValueError("n_train and n_unseen must not be negative")
+    rng = random.Random(f"vall_e-generated-{seed}")
+    seen: set[str] = set()
+    train: list[str] = []
+    unseen: list[str] = []
+    draws, limit = 0, 200 * (n_train + n_unseen) + 1000  # far beyond need: the grammar has millions of sentences
+    while len(train) < n_train or len(unseen) < n_unseen:
+        draws += 1
+        if draws > limit:  # pragma: no cover - only if the word lists shrank to a handful
+            raise RuntimeError(f"the sentence grammar ran out of distinct sentences after {len(seen)}")
+        text = _generate_one(rng)
+        if text in seen or not GENERATED_MIN_PHONES <= estimate_phones(text) <= GENERATED_MAX_PHONES:
+            continue
+        seen.add(text)
+        if _is_unseen(text):
+            if len(unseen) < n_unseen:
+                unseen.append(text)
+        elif len(train) < n_train:
+            train.append(text)
+    return train, unseen
+
+
 def _espeak() -> str:
     exe = shutil.which("espeak-ng")
     if exe is None:
@@ -136,9 +297,45 @@ def make_corpus(
         for n, text in enumerate(picks, start=1):
             wav = out_dir / speaker / chapter / f"{speaker}_{chapter}_{n:06d}.wav"
             jobs_list.append((exe, text, voice, speed, pitch, wav))
+    return _run_jobs(jobs_list, jobs)
+
+
+def _run_jobs(jobs_list: list[tuple[str, str, str, int, int, Path]], jobs: int) -> list[Path]:
+    """Run espeak-ng for every ``(exe, text, voice, speed, pitch, wav)``, ``jobs`` at a time; the wav paths."""
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool_exec:
         list(pool_exec.map(lambda job: _synthesize(*job), jobs_list))
     return [job[-1] for job in jobs_list]
+
+
+def make_voices(
+    out_dir: str | Path,
+    texts: Sequence[Sequence[str]],
+    first_speaker: int = 0,
+    seed: int = 0,
+    jobs: int = 4,
+) -> list[Path]:
+    """Synthesize ``texts[i]`` (in order) in the voice of speaker ``first_speaker + i``; return the wav paths.
+
+    Speaker ``s`` is folder ``str(101 + s)`` with chapter ``str(1000 + s)`` and voice
+    ``VOICES[s % len(VOICES)]``, as in :func:`make_corpus`; its speed and pitch depend on ``seed`` and
+    ``s`` only, so a speaker sounds the same whichever call makes it. Two calls with disjoint
+    speaker ranges make disjoint voices (e.g. training voices 0..7 and held-out voices 8..9; at most
+    ``len(VOICES)`` distinct ones).
+    """
+    if first_speaker < 0:
+        raise ValueError("first_speaker must not be negative")
+    exe = _espeak()
+    out_dir = Path(out_dir)
+    jobs_list = []
+    for i, lines in enumerate(texts):
+        s = first_speaker + i
+        speaker, chapter = str(101 + s), str(1000 + s)
+        rng = random.Random(f"vall_e-voice-{seed}-{s}")
+        speed, pitch = rng.randint(140, 185), rng.randint(30, 70)
+        for n, text in enumerate(lines, start=1):
+            wav = out_dir / speaker / chapter / f"{speaker}_{chapter}_{n:06d}.wav"
+            jobs_list.append((exe, text, VOICES[s % len(VOICES)], speed, pitch, wav))
+    return _run_jobs(jobs_list, jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,13 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-words", type=int, default=None, help="use only sentences this short (words)")
     parser.add_argument("--jobs", type=int, default=4, help="parallel espeak-ng processes")
+    parser.add_argument("--generated", action="store_true",
+                        help="each speaker says its own generated sentences (generated_sentences) instead of "
+                        "drawing from the built-in ones: any number of distinct sentences")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    wavs = make_corpus(args.out_dir, args.speakers, args.utts, args.seed, args.max_words, args.jobs)
+    if args.generated:
+        if args.max_words is not None:
+            parser.error("--max-words applies to the built-in sentences only, not with --generated")
+        pool, _ = generated_sentences(args.speakers * args.utts, seed=args.seed)
+        texts = [pool[i * args.utts : (i + 1) * args.utts] for i in range(args.speakers)]
+        wavs = make_voices(args.out_dir, texts, seed=args.seed, jobs=args.jobs)
+    else:
+        wavs = make_corpus(args.out_dir, args.speakers, args.utts, args.seed, args.max_words, args.jobs)
     print(f"wrote {len(wavs)} utterances of {args.speakers} speakers under {args.out_dir}")
     return 0
 
