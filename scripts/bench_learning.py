@@ -837,7 +837,8 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser."""
     p = argparse.ArgumentParser(
         prog="python scripts/bench_learning.py",
         description="Train the AR and NAR per model core and seed on an espeak-ng corpus and score them on "
@@ -864,7 +865,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace
                    "settings is reused); default: a temporary folder, removed at the end")
     p.add_argument("--out", type=Path, help="also write the JSON object to this file")
     p.add_argument("--quick", action="store_true", help="a ~2-minute smoke size for development")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, argparse.Namespace]:
+    args = build_parser().parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
     for key in size:
         if getattr(args, key) is not None:
