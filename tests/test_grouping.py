@@ -293,16 +293,16 @@ def test_synthesis_and_the_server_engine_follow_the_files_group_size(tmp_path):
     ref = _ref_wav(tmp_path)
     synth = Synthesizer(paths["ar"], paths["nar"], device="cpu", codec_weights="untrained")
     assert synth.group_size == 2
-    opts = dict(max_ar_steps=21, top_p=0.9, ras=True, prompt_seconds=1.0)
+    opts = dict(max_ar_steps=20, top_p=0.9, ras=True, prompt_seconds=1.0)  # a budget of 21 frames ends mid-group
     cont = synth.synthesize("a cat", ref, continual=True, seed=5, **opts)
     assert cont.prefix_frames == 74
     plain = synth.synthesize("a cat", ref, seed=5, **opts)
-    assert plain.prefix_frames == 0 and len(plain.codes) <= 21 and plain.max_frames <= 21
+    assert plain.prefix_frames == 0 and len(plain.codes) == plain.max_frames == 20 and plain.cut == "max_ar_steps"
     assert len(synth._prepare(Request("a cat", ref), 1.0, 0, 1)["ar_prompt"]) == 74
 
     serving = ServingSynthesizer(paths["ar"], paths["nar"], device="cpu", codec_weights="untrained")
     assert supports_rows(serving)
-    sampling = Sampling(top_p=0.9, ras=True, max_ar_steps=21)
+    sampling = Sampling(top_p=0.9, ras=True, max_ar_steps=20)
     rows = [serving.prepare(Row(Request("a cat", ref, continual=c), 5, sampling, prompt_seconds=1.0)) for c in (True, False)]
     batched = generate_rows(serving, rows)
     alone = [generate_rows(serving, [row])[0] for row in rows]
@@ -361,3 +361,11 @@ def test_help_states_the_models_grouping(tmp_path, capsys):
     assert "model facts" in out
     assert f"--ar-ckpt {paths['ar']}: ar-tiny, arch paper, group_size 2 (VALL-E 2 grouped code modeling: 2 frames per AR step" in out
     assert f"--nar-ckpt {paths['nar']}: nar-tiny, arch paper, prompt_mode speaker" in out
+
+
+def test_tensorboard_hyperparameters_show_an_ars_group_size():
+    from vall_e.config import Config
+    from vall_e.utils.monitor import hyperparameters
+
+    assert hyperparameters(Config.parse(["model=ar-tiny", "group_size=2", "device=cpu"]))["group_size"] == 2
+    assert "group_size" not in hyperparameters(Config.parse(["model=nar-tiny", "group_size=2", "device=cpu"]))

@@ -52,9 +52,10 @@ class AR(Base):
       stop token, are laid out in groups; the last group is filled up after the stop token with
       ``IGNORE`` targets, which are out of the loss and of the accuracies. So the stop token may sit in
       any slot: a response of T frames has ``T // G + 1`` target groups with the stop token in slot
-      ``T % G`` of the last one. (The paper pads a length that is not a multiple of G up to one; we pad
-      the targets only, past the stop token, and leave the padding out of the loss.) The inputs are
-      then always whole groups of real codes: the ``T // G`` groups before the last target group.
+      ``T % G`` of the last one. (VALL-E 2 pads the end of the sequence to a whole group; here the
+      padding is the stop token in the first free slot, then targets out of the loss.) The inputs are
+      then always whole groups of real codes, never padding: the ``T // G`` groups before the last
+      target group.
     - Prompts: a prompt of ``t`` frames is read as ``t // G`` groups; its last ``t % G`` frames (under
       40 ms at G <= 4) are left out. Training prompts (whole utterances of the speaker) are cut here;
       synthesis cuts its prompts and prefixes itself (:func:`whole_groups`), so what it reports is what
