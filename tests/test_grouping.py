@@ -369,3 +369,20 @@ def test_tensorboard_hyperparameters_show_an_ars_group_size():
 
     assert hyperparameters(Config.parse(["model=ar-tiny", "group_size=2", "device=cpu"]))["group_size"] == 2
     assert "group_size" not in hyperparameters(Config.parse(["model=nar-tiny", "group_size=2", "device=cpu"]))
+
+
+def test_benchmark_compares_group_sizes_in_one_run(capsys):
+    """``scripts/benchmark.py --group-size 1,2`` (tiny, one quick run): both sizes' AR numbers with
+    ``ar_ms_per_frame_cached_750``, the NAR's once, and the ratios to G = 1; greedy cache checks hold."""
+    import json
+
+    from conftest import load_script
+
+    load_script("benchmark").main(["--preset", "tiny", "--quick", "--threads", "1", "--group-size", "1,2", "--arch", "paper"])
+    out = json.loads(capsys.readouterr().out)
+    sizes = out["by_group_size"]
+    assert sorted(sizes) == ["1", "2"] and all(s["greedy_cache_match"] for s in sizes.values())
+    assert sizes["2"]["group_size"] == 2 and sizes["2"]["ar_ms_per_frame_cached_750"] > 0
+    ratio = out["over_group_size_1"]["2"]["ar_ms_per_frame_cached_750"]
+    assert ratio == round(sizes["2"]["ar_ms_per_frame_cached_750"] / sizes["1"]["ar_ms_per_frame_cached_750"], 3)
+    assert "nar_infer_s_10s" in out["nar"] and out["arch"] == "paper"
