@@ -19,6 +19,17 @@ a GPU).
 
 With ``--arch both`` the output is ``{"enhuiz": {...}, "paper": {...}, "paper_over_enhuiz": {...}}``
 (the ratios of the timings); with one arch it is that arch's flat object.
+
+``--group-size G`` builds the AR with VALL-E 2 grouped code modeling (G frames per step) and adds
+``ar_ms_per_frame_cached_750``: AR decoding time per frame over 750 frames (375 steps at G = 2), batch
+1, sampled, prefill included. Several sizes compare them in one run, on the same inputs::
+
+    python scripts/benchmark.py --group-size 1,2,4      # {"by_group_size": {"1": ..., "2": ..., "4": ...},
+                                                         #  "over_group_size_1": {"2": {...}, "4": {...}}, "nar": ...}
+
+There each size's object holds its AR measurements (generation, training, syncs), ``nar`` the NAR's
+(which has no grouping) once, and ``over_group_size_1`` every AR timing of a size divided by the
+G = 1 one (``ar_ms_per_frame_cached_750`` among them).
 """
 
 from __future__ import annotations
@@ -83,7 +94,9 @@ def bench_ar_generation(ar, device, repeats: int, quick: bool) -> dict:
         return lambda: gen(text, proms, steps, temperature=1.0, generator=g)
 
     for steps in (150, AUDIO_10S):
+        # steps = frames: a grouped AR runs ceil(steps / G) steps for them, so these are per frame at any G
         out[f"ar_ms_per_token_cached_{steps}"] = best_time(sampled(text1, proms1, steps), repeats, device) / steps * 1e3
+    out["ar_ms_per_frame_cached_750"] = out[f"ar_ms_per_token_cached_{AUDIO_10S}"]
     text8, proms8, _ = inputs(8, 0, device, seed=1)
     t8 = best_time(sampled(text8, proms8, AUDIO_10S), max(1, repeats - 1), device)
     out["ar_ms_per_token_cached_750_batch8"] = t8 / (8 * AUDIO_10S) * 1e3  # per generated token
@@ -163,59 +176,98 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     parser.add_argument("--arch", default="enhuiz", choices=["enhuiz", "paper", "both"],
                         help="model core (both: each on the same inputs, side by side)")
+    parser.add_argument("--group-size", default="1", metavar="G[,G...]",
+                        help="AR group size(s), VALL-E 2 grouped code modeling (default 1); several, e.g. 1,2,4, are "
+                             "measured in one run with their ratios to the first")
     return parser
 
 
 def main(argv=None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        sizes = [int(g) for g in args.group_size.split(",")]
+    except ValueError:
+        parser.error(f"--group-size {args.group_size!r}: give whole numbers separated by commas, e.g. 1,2,4")
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        parser.error(f"--group-size {args.group_size!r}: give distinct sizes of at least 1, e.g. 1,2,4")
 
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     if args.arch != "both":
-        print(json.dumps(run(args, args.arch, device)))
+        print(json.dumps(run(args, args.arch, device, sizes)))
         return
-    both = {arch: run(args, arch, device) for arch in ("enhuiz", "paper")}
-    timings = [k for k, v in both["enhuiz"].items() if isinstance(v, float) and k.endswith(("_s", "_s_10s", "_per_s"))
-               or k.startswith("ar_ms_per_token")]
-    both["paper_over_enhuiz"] = {k: round(both["paper"][k] / both["enhuiz"][k], 3) for k in timings}
+    both = {arch: run(args, arch, device, sizes) for arch in ("enhuiz", "paper")}
+    if len(sizes) == 1:
+        both["paper_over_enhuiz"] = ratios(both["paper"], both["enhuiz"])
+    else:
+        both["paper_over_enhuiz"] = {str(g): ratios(both["paper"]["by_group_size"][str(g)],
+                                                    both["enhuiz"]["by_group_size"][str(g)]) for g in sizes}
     print(json.dumps(both))
 
 
-def run(args: argparse.Namespace, arch: str, device: torch.device) -> dict:
-    """Every measurement of one model core; rounded, JSON-ready."""
+def ratios(a: dict, b: dict) -> dict:
+    """``a[k] / b[k]`` for every timing (seconds, rates, ms per token or frame) both hold, to 3 decimals."""
+    timings = [k for k, v in b.items() if isinstance(v, float) and k in a and (
+        k.endswith(("_s", "_s_10s", "_per_s")) or k.startswith(("ar_ms_per_token", "ar_ms_per_frame")))]
+    return {k: round(a[k] / b[k], 3) for k in timings}
+
+
+def run(args: argparse.Namespace, arch: str, device: torch.device, sizes: list[int]) -> dict:
+    """Every measurement of one model core: one flat object for one group size; for several, each size's AR
+    measurements, the NAR's once, and the ratios of each size's AR timings to the first size's."""
     repeats = 1 if args.quick else args.repeats
     suffix = "" if args.preset in ("full", "") else f"-{args.preset}"
     torch.manual_seed(0)
-    ar = get_model(f"ar{suffix}", arch=arch).to(device).eval()
     nar = get_model(f"nar{suffix}", arch=arch).to(device).eval()
-
-    result: dict = {}
-    result.update(bench_ar_generation(ar, device, repeats, args.quick))
-    result["nar_infer_s_10s"] = bench_nar_inference(nar, device, repeats)
-    result["synth_10s_s"] = result["ar_ms_per_token_cached_750"] * AUDIO_10S / 1e3 + result["nar_infer_s_10s"]
-
-    result["ar_train_step_s"] = bench_training(ar, device, repeats)
-    result["ar_train_frames_per_s"] = TRAIN_BATCH * TRAIN_RESP / result["ar_train_step_s"]
-    result["nar_train_step_s"] = bench_training(nar, device, repeats)
-    result["nar_train_frames_per_s"] = TRAIN_BATCH * TRAIN_RESP / result["nar_train_step_s"]
+    nar_result: dict = {"nar_infer_s_10s": bench_nar_inference(nar, device, repeats)}
+    nar_result["nar_train_step_s"] = bench_training(nar, device, repeats)
+    nar_result["nar_train_frames_per_s"] = TRAIN_BATCH * TRAIN_RESP / nar_result["nar_train_step_s"]
     if args.amp != "none":
-        for kind, model in (("ar", ar), ("nar", nar)):
-            seconds = bench_training(model, device, repeats, args.amp)
-            result[f"{kind}_train_step_s_{args.amp}"] = seconds
-            result[f"{kind}_train_frames_per_s_{args.amp}"] = TRAIN_BATCH * TRAIN_RESP / seconds
+        seconds = bench_training(nar, device, repeats, args.amp)
+        nar_result[f"nar_train_step_s_{args.amp}"] = seconds
+        nar_result[f"nar_train_frames_per_s_{args.amp}"] = TRAIN_BATCH * TRAIN_RESP / seconds
 
-    result.update(count_syncs(ar, nar, device))
+    by_size: dict[str, dict] = {}
+    for g in sizes:
+        torch.manual_seed(0)
+        ar = get_model(f"ar{suffix}", arch=arch, group_size=g).to(device).eval()
+        result: dict = {"group_size": g}
+        result.update(bench_ar_generation(ar, device, repeats, args.quick))
+        result["synth_10s_s"] = result["ar_ms_per_frame_cached_750"] * AUDIO_10S / 1e3 + nar_result["nar_infer_s_10s"]
+        result["ar_train_step_s"] = bench_training(ar, device, repeats)
+        result["ar_train_frames_per_s"] = TRAIN_BATCH * TRAIN_RESP / result["ar_train_step_s"]
+        if args.amp != "none":
+            seconds = bench_training(ar, device, repeats, args.amp)
+            result[f"ar_train_step_s_{args.amp}"] = seconds
+            result[f"ar_train_frames_per_s_{args.amp}"] = TRAIN_BATCH * TRAIN_RESP / seconds
+        result.update(count_syncs(ar, nar, device))
+        if len(sizes) > 1:  # the NAR's syncs are reported once, with the NAR
+            nar_result["nar_train_syncs"] = result.pop("nar_train_syncs")
+        by_size[str(g)] = result
 
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    facts: dict = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     if device.type == "cuda":
-        result["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        facts["peak_cuda_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     on_cuda = device.type == "cuda"
-    result["device"] = torch.cuda.get_device_name(device) if on_cuda else f"cpu x{torch.get_num_threads()}"
-    result["preset"] = f"ar{suffix}/nar{suffix}"
-    result["arch"] = arch
-    result["torch"] = torch.__version__
+    facts["device"] = torch.cuda.get_device_name(device) if on_cuda else f"cpu x{torch.get_num_threads()}"
+    facts["preset"] = f"ar{suffix}/nar{suffix}"
+    facts["arch"] = arch
+    facts["torch"] = torch.__version__
+    if len(sizes) == 1:
+        return _rounded({**by_size[str(sizes[0])], **nar_result, **facts})
+    first = _rounded(by_size[str(sizes[0])])
+    rounded = {g: _rounded(r) for g, r in by_size.items()}
+    return {
+        "by_group_size": rounded,
+        f"over_group_size_{sizes[0]}": {g: ratios(r, first) for g, r in rounded.items() if g != str(sizes[0])},
+        "nar": _rounded(nar_result),
+        **_rounded(facts),
+    }
+
+
+def _rounded(result: dict) -> dict:
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
 
 

@@ -38,7 +38,38 @@ frames-per-phone ratio of its training set x the text's phones (--frames-per-pho
 and at --max-ar-steps, with a note when that happens.
 
 config words: codec_weights=pretrained|untrained|<path> (default pretrained), help=true lists all fields.
+
+model facts: --help with --ar-ckpt (and --nar-ckpt) also says what the model files record, e.g. the AR's
+grouping (group_size G, VALL-E 2 grouped code modeling: G frames per AR step; prompts and prefixes are
+cut to whole groups) and its prompt_mode; synthesis follows them.
 """
+
+
+def model_facts(ar_ckpt: Path | None, nar_ckpt: Path | None) -> str:
+    """What exported model files record that decides how synthesis runs, one line per file (for ``--help``)."""
+    from .export import InferenceFileError, read_inference_file
+
+    lines = ["model facts (from the files given):"]
+    for flag, path in (("--ar-ckpt", ar_ckpt), ("--nar-ckpt", nar_ckpt)):
+        if path is None:
+            continue
+        try:
+            data = read_inference_file(path)
+        except InferenceFileError as e:
+            lines.append(f"  {flag} {path}: cannot be read ({e})")
+            continue
+        hp = data.get("hparams") or {}
+        facts = [str(data.get("preset") or data.get("kind")), f"arch {hp.get('arch', 'enhuiz')}"]
+        if data.get("kind") == "ar":
+            g = int(hp.get("group_size", 1))
+            facts.append(f"group_size {g} (VALL-E 2 grouped code modeling: {g} frames per AR step, prompts and "
+                         f"prefixes cut to whole groups)" if g > 1 else "group_size 1 (plain VALL-E: one frame per AR step)")
+        facts.append(f"prompt_mode {data.get('prompt_mode', 'speaker')}")
+        if data.get("kind") == "ar" and data.get("max_frames_per_phone"):
+            facts.append(f"length guard {float(data['max_frames_per_phone']):.1f} frames per phone")
+        facts.append(f"trained {int(data.get('step', 0))} steps")
+        lines.append(f"  {flag} {path}: " + ", ".join(facts))
+    return "\n".join(lines)
 
 
 class UsageError(ValueError):
@@ -135,6 +166,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     words, rest = Config.split_argv(argv)
     cfg = Config.from_cli(words)  # handles help=true; codec_weights=... and device=... come from here
     parser = build_parser()
+    if any(w in ("-h", "--help") for w in rest):
+        files = argparse.ArgumentParser(add_help=False)
+        files.add_argument("--ar-ckpt", type=Path)
+        files.add_argument("--nar-ckpt", type=Path)
+        given, _ = files.parse_known_args(rest)
+        if given.ar_ckpt is not None or given.nar_ckpt is not None:
+            parser.epilog = f"{parser.epilog}\n{model_facts(given.ar_ckpt, given.nar_ckpt)}\n"
     args = parser.parse_args(rest)
     device = args.device if args.device is not None else (cfg.device if any(w.startswith("device=") for w in words) else None)
     seed = args.seed if args.seed is not None else (cfg.seed if any(w.startswith("seed=") for w in words) else None)

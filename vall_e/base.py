@@ -32,6 +32,10 @@ positions         sinusoidal over the whole sequence     sinusoidal, counted sep
 ``enhuiz`` stays exactly what it was (parameter names, initialization, outputs), so its checkpoints
 and exports keep loading; saved hyper-parameters without ``arch`` mean ``enhuiz``.
 
+``ModelConfig.group_size`` (the AR only; VALL-E 2's grouped code modeling) makes every audio position
+of the AR hold G consecutive frames, with either core: see :class:`vall_e.ar.AR`. At 1 (the default,
+and what saved hyper-parameters without the field mean) nothing is added: same parameters, same outputs.
+
 Inputs are lists of variable-length tensors; the models pad internally and mask padding, so a
 sample's outputs never depend on the other members of its batch.
 """
@@ -82,6 +86,8 @@ class ModelConfig:
         arch: ``"enhuiz"`` (the reference implementation's core) or ``"paper"`` (the paper's: prefix
             attention, tied output layers, shared acoustic embeddings, separate positions); see the
             module docstring.
+        group_size: G, audio frames per AR position (VALL-E 2 grouped code modeling, see
+            :class:`vall_e.ar.AR`); 1 is plain VALL-E. The NAR has 1.
     """
 
     kind: str = "ar"
@@ -96,6 +102,7 @@ class ModelConfig:
     activation_checkpointing: bool = False
     preset: Optional[str] = None
     arch: str = "enhuiz"
+    group_size: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in ("ar", "nar"):
@@ -108,13 +115,19 @@ class ModelConfig:
             raise ValueError(f"the AR models codebook 1 only; got n_resp_levels={self.n_resp_levels}")
         if self.kind == "nar" and self.n_resp_levels < 2:
             raise ValueError(f"the NAR needs at least 2 response levels; got {self.n_resp_levels}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size}: use 1 (plain VALL-E) or more frames per AR step")
+        if self.kind == "nar" and self.group_size != 1:
+            raise ValueError(f"group_size={self.group_size}: grouped code modeling is the AR's (VALL-E 2); the NAR "
+                             "fills every frame in one pass and has group_size 1")
         if self.d_model % self.n_heads or self.d_model % 2:
             raise ValueError(f"d_model={self.d_model} must be even and divisible by n_heads={self.n_heads}")
 
 
 def complete_hparams(hparams: dict) -> dict:
     """Saved hyper-parameters with the fields they predate filled in with their defaults (``arch`` ->
-    ``enhuiz``), so models saved before a field existed compare equal to the same model built today."""
+    ``enhuiz``, ``group_size`` -> 1), so models saved before a field existed compare equal to the same
+    model built today."""
     known = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     return {**{k: v for k, v in known.items() if k != "n_resp_levels"}, **hparams}
 
@@ -542,6 +555,11 @@ class Base(nn.Module):
         """Rows of the AdaLN level embedding; 0 for plain LayerNorm."""
         return 0
 
+    @property
+    def group_size(self) -> int:
+        """G, audio frames per position (VALL-E 2 grouped code modeling; more than 1 only in the AR)."""
+        return self.config.group_size
+
     # public helpers ---------------------------------------------------------------------------
 
     @property
@@ -587,6 +605,12 @@ class Base(nn.Module):
         angles = torch.arange(n, device=dev, dtype=torch.float32)[:, None] * omega
         return torch.cat([angles.sin(), angles.cos()], dim=-1).to(self.sep.dtype)
 
+    def _embed_prompts(self, proms_list: list[Tensor]) -> Sequence[Tensor]:
+        """Prompt frames b x ``(t_prom, l)`` -> b x ``(t_prom, d)``, each frame the sum of its levels'
+        embeddings (the AR with ``group_size > 1`` groups them: :meth:`vall_e.ar.AR._embed_prompts`)."""
+        prom_emb = self.audio_emb if self.paper else self.prom_emb
+        return prom_emb(torch.cat(proms_list)).split([len(p) for p in proms_list])
+
     def _embed_response(self, codes: Tensor) -> Tensor:
         """Response frames ``(n, l)`` (``-1`` = level left out) -> ``(n, d)``."""
         return self.audio_emb(codes) if self.paper else self.resp_emb(codes)
@@ -596,10 +620,11 @@ class Base(nn.Module):
         (0-based ``level``; the enhuiz core has one classifier for every level)."""
         return self.audio_emb(hidden=h, level=level) if self.paper else self.classifier(h)
 
-    @staticmethod
-    def _prefix_lens(text_list: Sequence[Tensor], proms_list: Sequence[Tensor]) -> list[int]:
-        """Length of each sample's ``[text, SEP, prompt, SEP]``: the condition before the response."""
-        return [len(t) + len(p) + 2 for t, p in zip(text_list, proms_list)]
+    def _prefix_lens(self, text_list: Sequence[Tensor], proms_list: Sequence[Tensor]) -> list[int]:
+        """Length of each sample's ``[text, SEP, prompt, SEP]`` in positions: the condition before the
+        response (a prompt of ``t`` frames takes ``t // group_size`` positions)."""
+        g = self.group_size
+        return [len(t) + len(p) // g + 2 for t, p in zip(text_list, proms_list)]
 
     def _position_ids(self, text_len: int, n: int) -> Tensor:
         """``(n,)`` position of each element of a sequence of ``n`` whose text has ``text_len`` phones:
@@ -623,13 +648,12 @@ class Base(nn.Module):
             proms_list: b x ``(t_prom, n_prompt_levels)`` codes.
             resp_emb: ``(sum(resp_lens), d)`` embedded responses in sample order, or None for the
                 prefix only.
-            resp_lens: response length of each sample.
+            resp_lens: response length of each sample, in positions (groups of ``group_size`` frames).
         Returns:
-            b x ``(t_text + 1 + t_prom + 1 + t_resp, d)``.
+            b x ``(t_text + 1 + t_prom / G + 1 + t_resp, d)`` (``t_prom / G`` rounded down).
         """
         text = self.text_emb(torch.cat(text_list)).split([len(t) for t in text_list])
-        prom_emb = self.audio_emb if self.paper else self.prom_emb
-        prom = prom_emb(torch.cat(proms_list)).split([len(p) for p in proms_list])
+        prom = self._embed_prompts(proms_list)
         sep = self.sep[None]
         if resp_emb is None:
             return [torch.cat([t, sep, p, sep]) for t, p in zip(text, prom)]

@@ -85,6 +85,8 @@ class Config(BaseConfig):
     model: str = field("ar-quarter", help="model preset: ar|nar with -half/-quarter/-tiny")
     arch: str = field("enhuiz", help="model core: paper (prefix attention, tied per-level heads, shared acoustic "
                       "embeddings, separate positions; VALL-E section 4) | enhuiz (the reference implementation's core)")
+    group_size: int = field(1, help="AR only (NAR runs ignore it): VALL-E 2 grouped code modeling, G codebook-1 codes "
+                            "read and predicted per AR step (1 = plain VALL-E; the paper's best trade-off is 2)")
     activation_checkpointing: bool = field(False, help="recompute activations in backward to save memory")
 
     # training
@@ -146,6 +148,9 @@ class Config(BaseConfig):
             raise ConfigError(f"prompt_mode={self.prompt_mode!r}: use speaker (other utterances of the speaker) or paper")
         if self.arch not in ("paper", "enhuiz"):
             raise ConfigError(f"arch={self.arch!r}: use paper (the VALL-E paper's model) or enhuiz (the reference's)")
+        if self.group_size < 1:
+            raise ConfigError(f"group_size={self.group_size}: use 1 (plain VALL-E) or more codes per AR step "
+                              "(VALL-E 2 measured 1, 2, 4 and 8)")
         if self.sample_by not in ("auto", "utterance", "speaker"):
             raise ConfigError(f"sample_by={self.sample_by!r}: use utterance, speaker or auto")
         if self.index_check not in ("files", "dirs", "off"):

@@ -299,7 +299,7 @@ def run_model_row(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, st
     """
     import torch
 
-    from .emb.codec import write_wav
+    from .emb.codec import HOP_LENGTH, write_wav
     from .metrics import word_errors
 
     a = ctx.args
@@ -327,8 +327,11 @@ def run_model_row(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, st
                 ctx.scorer.calls["synthesis"] += len(outs)
                 for k, (u, out) in enumerate(zip(chunk, outs)):
                     wav, sr = out.wav.reshape(-1), out.sample_rate
+                    # continual: the output continues the prompt's whole groups of a grouped AR (225 frames
+                    # of a 3 s prompt -> 224 at group_size 2), so the prompt audio put before it ends there
+                    seconds = min(a.prompt_seconds, out.prefix_frames * HOP_LENGTH / out.sample_rate)
                     if a.mode == "continual":  # listen to and transcribe prompt + continuation
-                        pw, psr = load_wav(u.audio, 0.0, a.prompt_seconds)
+                        pw, psr = load_wav(u.audio, 0.0, seconds)
                         if psr != sr:
                             import torchaudio.functional as AF
 
@@ -342,7 +345,7 @@ def run_model_row(ctx: Context, synth: "Synthesizer", fingerprints: dict[str, st
                         m = {"hyp": "", "ref_words": n, "sub": 0, "del": n, "ins": 0, "wer": 1.0 if n else 0.0,
                              "sim": float("nan"), "seconds": 0.0}
                     else:
-                        m = score(ctx.scorer, u, used[k], wav, sr, a.mode, a.prompt_seconds)
+                        m = score(ctx.scorer, u, used[k], wav, sr, a.mode, seconds)
                     m.update(sample=s, seed=out.seed, stopped=out.stopped, cut=out.cut, file=rel.as_posix())
                     samples[k].append(m)
             recs = []
@@ -609,6 +612,7 @@ def _run(args: argparse.Namespace, codec_weights: str, spkr_name_getter: str) ->
                       file=sys.stderr)
             settings["sampling"] = model_settings(ctx, synth, fingerprints)["sampling"]
             settings["needs_ref_text"] = needs_ref_text
+            settings["group_size"] = synth.group_size  # VALL-E 2 grouped code modeling of the AR (1: plain VALL-E)
             run_model_row(ctx, synth, fingerprints)
             ms = model_settings(ctx, synth, fingerprints)
             for run in range(args.runs):

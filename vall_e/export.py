@@ -15,7 +15,8 @@ DeepSpeed. It is a plain dict::
     trained_with    project version that wrote the checkpoint
     kind            "ar" | "nar"
     preset          preset name, e.g. "ar-quarter"
-    hparams         everything ``vall_e.models.build_model`` needs
+    hparams         everything ``vall_e.models.build_model`` needs, among them ``arch`` and ``group_size``
+                    (VALL-E 2 grouped code modeling of the AR; files without it are 1, plain VALL-E)
     phone_map       {phone: id} the model was trained with (ids from 1; 0 = padding)
     speakers        training speakers (informational)
     step            training step of the checkpoint

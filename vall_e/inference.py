@@ -74,6 +74,13 @@ the prompt:
 Only the prompt's part of a file is decoded, so a long recording with the default 3 s prompt costs
 3 s of decoding.
 
+Grouped ARs (``group_size`` G > 1 in the AR file, VALL-E 2's grouped code modeling): the AR reads and
+writes G frames per step, so every prompt and prefix is cut to whole groups, its last ``t % G`` frames
+(under 40 ms at G <= 4) dropped, for both models: the 3 s ``prompt_seconds`` crop (225 frames) becomes
+224 frames at G = 2 or 4, a continuation prefix the same. :attr:`Synthesis.prefix_frames` says how
+many frames of the reference an output continues. Limits (``max_ar_steps``, the length guard) count
+frames whatever G is.
+
 Reproducibility: the same requests, options and ``seed`` give identical audio (one
 ``torch.Generator`` per batch, seeded ``seed + batch index``) on the same device and software.
 """
@@ -172,6 +179,9 @@ class Synthesis:
         cut: why an output that did not stop was cut: ``"length_guard"`` (``frames_per_phone`` x the
             target's phones) or ``"max_ar_steps"``; None when the AR stopped by itself.
         max_frames: the frame limit this output had (the smaller of the length guard and ``max_ar_steps``).
+        prefix_frames: frames of the reference this output continues (continuation modes; 0 otherwise),
+            whole groups of a grouped AR: the audio before ``wav`` is the reference's first
+            ``prefix_frames / 75`` seconds.
     """
 
     wav: "Tensor"
@@ -182,6 +192,7 @@ class Synthesis:
     phones: list[str] = field(default_factory=list)
     cut: Optional[str] = None
     max_frames: int = 0
+    prefix_frames: int = 0
 
     @property
     def seconds(self) -> float:
@@ -296,6 +307,18 @@ class Synthesizer:
         """True when the AR was trained with ``prompt_mode=paper``: it continues the reference's own codes
         after the reference's transcript, so requests need ``ref_text`` (or ``continual=True``)."""
         return self.ar_meta.get("prompt_mode", "speaker") == "paper"
+
+    @property
+    def group_size(self) -> int:
+        """Frames per AR step of the loaded AR (VALL-E 2 grouped code modeling; 1 = plain VALL-E). Prompts
+        and prefixes are cut to whole groups of it."""
+        return self.ar.group_size
+
+    def whole_groups(self, codes: "Tensor") -> "Tensor":
+        """The first frames of ``codes`` ``(t, 8)`` that make whole groups of the AR: ``t - t % group_size``."""
+        from .ar import whole_groups
+
+        return codes[: whole_groups(len(codes), self.group_size)]
 
     # text ----------------------------------------------------------------------------------
 
@@ -515,13 +538,14 @@ class Synthesizer:
                     raise SynthesisError("continual=True takes no ref_text: the text is the whole utterance's "
                                          "transcript, and the reference is its beginning")
                 text_phones = phones
-                prompt = self.encode_reference(req.ref_wav, prompt_seconds)
+                prompt = self.whole_groups(self.encode_reference(req.ref_wav, prompt_seconds))
                 prefix = prompt
             elif req.ref_text is not None:
                 ref_phones = self.phonemize(req.ref_text, what="reference transcript (ref_text)")
                 sep = [SEPARATOR] if all(SEPARATOR in m["phone_map"] for m in (self.ar_meta, self.nar_meta)) else []
                 text_phones = ref_phones + sep + phones
                 prompt = self.encode_reference(req.ref_wav, None)  # the transcript covers the whole reference
+                prompt = self.whole_groups(prompt)  # a grouped AR continues after whole groups
                 prefix = prompt
             elif self.needs_ref_text:
                 raise SynthesisError(
@@ -532,7 +556,7 @@ class Synthesizer:
                 )
             else:
                 text_phones = phones
-                prompt = self.encode_reference(req.ref_wav, prompt_seconds)
+                prompt = self.whole_groups(self.encode_reference(req.ref_wav, prompt_seconds))
                 prefix = prompt[:0]
         except (SynthesisError, AudioError) as e:
             if not where:
@@ -626,7 +650,7 @@ class Synthesizer:
         if hit:
             cut = "length_guard" if guard is not None and guard < max_ar_steps else "max_ar_steps"
         return Synthesis(wav=wav, sample_rate=qnt.SAMPLE_RATE, codes=gen_codes, seed=seed, stopped=cut is None,
-                         phones=list(phones), cut=cut, max_frames=max_frames)
+                         phones=list(phones), cut=cut, max_frames=max_frames, prefix_frames=t_pre)
 
 
 def _check_options(ar_temp: float, nar_temp: float, top_k: int, top_p: float, max_ar_steps: int, batch_size: int) -> None:

@@ -40,16 +40,20 @@ _logger = logging.getLogger("vall_e.train")
 def _build_model(cfg: Config):
     from .models import get_model
 
+    # grouped code modeling is the AR's: a NAR run ignores group_size (one yaml may serve both)
+    grouping = {"group_size": cfg.group_size} if cfg.model_kind == "ar" else {}
     return get_model(cfg.model, activation_checkpointing=cfg.activation_checkpointing, arch=cfg.arch,
-                     n_audio_tokens=cfg.num_tokens)
+                     n_audio_tokens=cfg.num_tokens, **grouping)
 
 
-def _eval_prefix_frames(n: int) -> int:
-    """Frames of an utterance given as the AR's prefix when evaluating ``prompt_mode=paper``: 3 s, at most half."""
+def _eval_prefix_frames(n: int, group_size: int = 1) -> int:
+    """Frames of an utterance given as the AR's prefix when evaluating ``prompt_mode=paper``: 3 s, at most half,
+    cut to whole groups of a grouped AR (it continues after whole groups, as in synthesis)."""
+    from .ar import whole_groups
     from .data import SEGMENT_FRAMES
     from .sampler import segment_frames_of
 
-    return int(segment_frames_of(n, SEGMENT_FRAMES))  # the rule of the NAR's training segment
+    return whole_groups(int(segment_frames_of(n, SEGMENT_FRAMES)), group_size)  # the rule of the NAR's training segment
 
 
 def _codes_match(hyp: torch.Tensor, ref: torch.Tensor) -> float:
@@ -94,8 +98,10 @@ class Evaluator:
             if cfg.model_kind == "ar":
                 out = model(text, proms, resps)
                 # prompt_mode=paper: the utterance's own first seconds are the prompt (VALL-E-continual);
-                # the hypothesis is compared with the rest
-                pre = [r[: _eval_prefix_frames(len(r)) if cfg.prompt_mode == "paper" else 0, 0] for r in resps]
+                # the hypothesis is compared with the rest. Frames throughout, whatever the AR's group_size:
+                # max_val_ar_steps bounds frames and gen_match counts frames
+                g = model.group_size
+                pre = [r[: _eval_prefix_frames(len(r), g) if cfg.prompt_mode == "paper" else 0, 0] for r in resps]
                 rest = [r[len(p) :, 0] for p, r in zip(pre, resps)]
                 hyps = model.generate(
                     text, proms, max_steps=cfg.max_val_ar_steps, temperature=cfg.sampling_temperature, generator=gen,
@@ -168,12 +174,24 @@ def _architecture_differences(saved: dict[str, Any], current: dict[str, Any]) ->
 
 
 def _same_architecture_words(saved: dict[str, Any]) -> str:
-    """The ``key=value`` words that rebuild a saved model: its preset, its ``arch`` and its ``num_tokens``."""
+    """The ``key=value`` words that rebuild a saved model: its preset, its ``arch``, its ``num_tokens`` and, for
+    an AR, its ``group_size``."""
     from .base import complete_hparams
 
     hparams = complete_hparams(saved.get("hparams") or {})
     preset = saved.get("preset") or saved.get("model") or hparams.get("preset")
-    return f"model={preset} arch={hparams['arch']} num_tokens={hparams['n_audio_tokens']}"
+    words = f"model={preset} arch={hparams['arch']} num_tokens={hparams['n_audio_tokens']}"
+    if hparams.get("kind") == "ar":
+        words += f" group_size={hparams['group_size']}"
+    return words
+
+
+def _grouping_note(diff: list[str]) -> str:
+    """A sentence for a ``group_size`` difference (empty without one): it cannot change under a run's weights."""
+    if not any(d.startswith("group_size:") for d in diff):
+        return ""
+    return (" The AR's group_size cannot change under trained weights: a grouped AR reads and predicts G frames "
+            "per position (other input and output layers); train a model with the new group_size from scratch.")
 
 
 def _init_source(folder: Path) -> tuple[Path, str]:
@@ -209,9 +227,12 @@ def _load_init_from(cfg: Config, model) -> dict[str, int]:
         raise CheckpointError(f"init_from={cfg.init_from}: {e}") from None
     diff = _architecture_differences(data["hparams"], model.hparams)
     if diff:
+        preset = data.get("preset")
+        what = (f"holds a {preset!r} model but this run builds model={cfg.model!r}" if preset != cfg.model
+                else f"holds a {preset!r} model of another shape than this run builds")
         raise CheckpointError(
-            f"init_from={cfg.init_from} holds a {data.get('preset')!r} model but this run builds model={cfg.model!r}; "
-            f"these fields differ: {'; '.join(diff)}. Set {_same_architecture_words(data)} to fine-tune it."
+            f"init_from={cfg.init_from} {what}; these fields differ (saved -> this run): {'; '.join(diff)}. "
+            f"Set {_same_architecture_words(data)} to fine-tune it.{_grouping_note(diff)}"
         )
     try:
         model.load_state_dict(data["state_dict"], strict=True)
@@ -244,7 +265,7 @@ def _check_architecture(cfg: Config, folder, hparams: dict[str, Any]) -> None:
         raise CheckpointError(
             f"{folder} was trained with model={meta.get('model')!r}, this run asks for model={cfg.model!r}; these "
             f"fields differ: {'; '.join(diff)}. Resume with {_same_architecture_words(meta)}, or start a new run under "
-            "another name= (init_from= takes weights from a run of the same preset)."
+            "another name= (init_from= takes weights from a run of the same preset)." + _grouping_note(diff)
         )
 
 

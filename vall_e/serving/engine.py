@@ -16,7 +16,8 @@ What should move into :mod:`vall_e.inference` (and the models) later: a ``genera
 ``AR.generate`` / ``NAR.generate`` that also takes one generator per sample (and per-sample
 temperature / top-k / top-p), and ``Synthesizer.synthesize_batch(..., seeds=[...])`` built on it;
 this module then shrinks to a call. It uses two private pieces meanwhile: ``Synthesizer._prepare``
-(one request -> the models' inputs) and ``vall_e.ar._CachedDecoder`` (the KV-cached step).
+(one request -> the models' inputs) and ``vall_e.ar._CachedDecoder`` (the KV-cached step, one group
+of ``group_size`` frames per step), with ``vall_e.ar.sample_group`` drawing a row's group.
 """
 
 from __future__ import annotations
@@ -127,10 +128,10 @@ class ServingSynthesizer(Synthesizer):
 
 
 def supports_rows(synth: Synthesizer) -> bool:
-    """Whether :func:`generate_rows` knows this AR (plain VALL-E decoding, one code per step)."""
+    """Whether :func:`generate_rows` knows this AR (any ``group_size``: it steps one group of frames at a time)."""
     from .. import ar
 
-    return getattr(synth.ar.config, "group_size", 1) == 1 and hasattr(ar, "_CachedDecoder")
+    return hasattr(ar, "_CachedDecoder") and hasattr(ar, "sample_group")
 
 
 def generate_rows(synth: Synthesizer, rows: list[Row]) -> list[Synthesis]:
@@ -151,13 +152,19 @@ def generate_rows(synth: Synthesizer, rows: list[Row]) -> list[Synthesis]:
 def _ar_rows(
     synth: Synthesizer, rows: list[Row], gens: list["torch.Generator"]
 ) -> tuple[list["Tensor"], list[bool], list[Optional[int]], list[int]]:
-    """Codebook 1 of every row: ``(t_new,)`` codes, whether a limit cut it, its guard and limit."""
+    """Codebook 1 of every row: ``(t_new,)`` codes, whether a limit cut it, its guard and limit.
+
+    One cached step per group of ``group_size`` frames for all rows; each live row draws its group as
+    :meth:`vall_e.ar.AR.generate` does for one sample (:func:`vall_e.ar.sample_group`), so a row alone
+    draws what ``generate`` draws. Budgets and limits count frames: a row is done once it holds its
+    budget, and its codes are cut to its limit (a stop token anywhere in a group ends the row there).
+    """
     import torch
 
-    from ..ar import _CachedDecoder
-    from ..base import sample_logits
+    from ..ar import _CachedDecoder, ras_history, sample_group
 
     ar, device = synth.ar, synth.device
+    g = ar.group_size
     stop = ar.stop_token
     preps = [r.prepared for r in rows]
     guards: list[Optional[int]] = []
@@ -168,44 +175,33 @@ def _ar_rows(
         guard = max(1, math.ceil(fpp * p["n_target_phones"]) - p["guard_offset"]) if fpp > 0 else None
         guards.append(guard)
         limits.append(s.max_ar_steps if guard is None else min(guard, s.max_ar_steps))
-    # one step past each limit: a model that emits its stop token exactly there stopped by itself
+    # one frame past each limit: a model that emits its stop token exactly there stopped by itself
     budgets = [n + 1 for n in limits]
-    steps = max(budgets)
+    steps = -(-max(budgets) // g)  # groups
     b = len(rows)
-    prefixes = [p["prefix"][:, 0] for p in preps]
-    histories: list[Optional["Tensor"]] = []
-    for r, pre in zip(rows, prefixes):
-        if not r.sampling.ras:
-            histories.append(None)
-            continue
-        k = r.sampling.ras_window
-        h = torch.full((1, k), -1, dtype=torch.long, device=device)  # oldest first, as AR.generate keeps it
-        tail = pre[-k:]
-        if len(tail):
-            h[0, k - len(tail):] = tail
-        histories.append(h)
+    prefixes = [p["prefix"][:, 0] for p in preps]  # whole groups (Synthesizer._prepare cuts them)
+    histories = [ras_history([pre], 1, r.sampling.ras_window, device) if r.sampling.ras else None
+                 for r, pre in zip(rows, prefixes)]
     decoder = _CachedDecoder(ar, [p["ar_text"] for p in preps], [p["ar_prompt"] for p in preps], prefixes, steps)
-    logits = decoder.logits  # (b, n_classes)
+    logits = decoder.logits  # (b, G, n_classes)
     out: list[list["Tensor"]] = [[] for _ in range(b)]
+    n_out = [0] * b
     live = list(range(b))
-    stop_col = torch.full((1,), stop, dtype=torch.long, device=device)
+    stop_group = torch.full((1, g), stop, dtype=torch.long, device=device)
     for step in range(steps):
-        column = [stop_col] * b
+        column = [stop_group] * b
         for i in live:
             s = rows[i].sampling
-            token = sample_logits(logits[i : i + 1], s.ar_temp, s.top_k, s.top_p, gens[i], keep_token=stop,
-                                  history=histories[i], ras_threshold=s.ras_threshold)
-            if histories[i] is not None:
-                histories[i][0, step % s.ras_window] = token[0]
-            column[i] = token
-        tokens = torch.cat(column)  # (b,): stopped rows feed the stop token, as AR.generate does
+            column[i] = sample_group(logits[i : i + 1], s.ar_temp, s.top_k, s.top_p, gens[i], keep_token=stop,
+                                     history=histories[i], first_frame=step * g, ras_threshold=s.ras_threshold)
+        tokens = torch.cat(column)  # (b, G): stopped rows feed stop tokens, as AR.generate feeds what it drew
         is_stop = (tokens == stop).tolist()  # one host read per step, as AR.generate on CPU
         still = []
         for i in live:
-            if is_stop[i]:
-                continue
-            out[i].append(tokens[i : i + 1])
-            if len(out[i]) < budgets[i]:
+            kept = is_stop[i].index(True) if True in is_stop[i] else g  # frames before the first stop
+            out[i].append(tokens[i, :kept])
+            n_out[i] += kept
+            if kept == g and n_out[i] < budgets[i]:
                 still.append(i)
         live = still
         if not live:

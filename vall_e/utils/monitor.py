@@ -78,6 +78,8 @@ def hyperparameters(cfg, engine=None, precision: str | None = None) -> dict[str,
         hp["precision"] = precision
     if getattr(cfg, "prompt_mode", None) is not None:
         hp["prompt_mode"] = str(cfg.prompt_mode)
+    if getattr(cfg, "group_size", None) is not None and getattr(cfg, "model_kind", "ar") == "ar":  # the NAR ignores it
+        hp["group_size"] = int(cfg.group_size)
     module = getattr(engine, "module", None)
     if module is not None:
         hp["params_m"] = round(sum(p.numel() for p in module.parameters()) / 1e6, 3)
