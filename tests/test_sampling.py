@@ -342,3 +342,37 @@ def test_a_run_evaluates_the_zero_shot_val_split(tmp_path, prepared_corpus):
     written = {p.name.split(".")[0] for p in (tmp_path / "logs").rglob("eval/step4/val/*.hyp.wav")}
     assert written and all(name.startswith("101_") for name in written)  # 901's files keep 101's ids
     assert "4 utterances of data_dirs lie inside val_dirs folders: never trained on" in proc.stderr
+
+
+def test_recipes_take_val_from_the_dev_clean_that_prepare_libritts_lays_out(tmp_path):
+    from conftest import REPO, load_script
+
+    prep = load_script("prepare_libritts")
+    for recipe in sorted((REPO / "config" / "LibriTTS").glob("*.yml")):
+        cfg = Config.build(recipe)
+        assert [Path(d) for d in cfg.val_dirs] == [prep.RECIPE_ROOT / prep.VAL_SUBSET], recipe
+        assert [Path(d) for d in cfg.data_dirs] == [prep.RECIPE_ROOT], recipe
+    root = tmp_path / "LibriTTS"
+    (root / "train-clean-100").mkdir(parents=True)
+    notes = prep.recipe_notes(root)
+    assert any("add --subsets dev-clean" in n for n in notes)
+    assert any(f"data_dirs=[{root}] val_dirs=[{root / 'dev-clean'}]" in n for n in notes)
+    (root / "dev-clean").mkdir()
+    (root / "test-clean").mkdir()
+    notes = prep.recipe_notes(root)
+    assert not any("add --subsets" in n for n in notes) and any(n.startswith("warning: test-clean") for n in notes)
+
+
+def test_an_index_of_the_previous_version_is_rebuilt_once(tmp_path, caplog):
+    corpus = write_corpus(tmp_path / "c", {"a": 3}, seed=7)
+    first = open_index(corpus, progress=False)
+    meta = first.gen / "meta.json"
+    old = json.loads(meta.read_text())
+    old["version"] = 2
+    meta.write_text(json.dumps(old))
+    (first.gen / "max_code.npy").unlink()  # version 2 had no such column
+    with caplog.at_level("INFO"):
+        again = open_index(corpus, progress=False)
+    assert again.gen.name == "g000002" and "has version 2, this program writes 3: rebuilding it once" in caplog.text
+    assert "cannot be read" not in caplog.text
+    assert open_index(corpus, progress=False).gen.name == "g000002"
