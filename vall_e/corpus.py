@@ -665,6 +665,9 @@ def content_digest(dirs: Sequence[str], symbols: Sequence[str], arrays: dict[str
     return h.hexdigest()[:32]
 
 
+_said_version: set[str] = set()
+
+
 def _load_current(root: Path, home: Path) -> CorpusIndex | None:
     gen = current_generation(home)
     if gen is None:
@@ -674,8 +677,10 @@ def _load_current(root: Path, home: Path) -> CorpusIndex | None:
     except (OSError, ValueError, AttributeError):
         version = None  # unreadable: CorpusIndex below names the problem
     if version is not None and version != INDEX_VERSION:
-        _logger.info("the corpus index %s has version %s, this program writes %d: rebuilding it once", gen, version,
-                     INDEX_VERSION)
+        if str(gen) not in _said_version:  # open_index looks twice (before and under the build lock)
+            _said_version.add(str(gen))
+            _logger.info("the corpus index %s has version %s, this program writes %d: rebuilding it once", gen,
+                         version, INDEX_VERSION)
         return None
     try:
         index = CorpusIndex(root, gen)

@@ -538,8 +538,25 @@ def open_corpus(cfg: Config, progress: bool = True) -> tuple[Corpus, list[str], 
     ``data_dirs`` folders that do not exist, and how many of the corpus's folders are ``data_dirs``.
     Raises :class:`DataError` when no ``data_dirs`` folder exists or a ``val_dirs`` folder does not.
     """
+    from .utils import distributed
+
     existing = [d for d in cfg.data_dirs if Path(d).is_dir()]
     missing = [d for d in cfg.data_dirs if not Path(d).is_dir()]
+    val_dirs = [d for d in cfg.val_dirs if Path(d).is_dir()]
+    _check_nesting(existing, val_dirs)
+    # One process: say what is missing before a long index build. Under a launcher every rank must
+    # enter open_indexes first: it compares the folders each rank found (a folder missing on one node
+    # is named there) and no rank may stop alone while the others wait for it in the store.
+    if not distributed.active():
+        _check_folders(cfg, missing)
+    indexes = open_indexes(existing + val_dirs, cfg.index_root, check=cfg.index_check, pack=cfg.pack_codes,
+                           rebuild=cfg.index_rebuild, nj=cfg.nj, progress=progress)
+    _check_folders(cfg, missing)
+    return Corpus(indexes), missing, len(existing)
+
+
+def _check_folders(cfg: Config, missing: list[str]) -> None:
+    """Refuse a run where no ``data_dirs`` folder exists, or a ``val_dirs`` folder does not."""
     if missing and len(missing) == len(cfg.data_dirs):
         raise DataError(ScanReport(dirs=list(cfg.data_dirs), missing_dirs=missing).explain(cfg))
     for d in cfg.val_dirs:
@@ -549,10 +566,6 @@ def open_corpus(cfg: Config, progress: bool = True) -> tuple[Corpus, list[str], 
                 "(e.g. python scripts/prepare_libritts.py --subsets dev-clean), fix the path, or set val_dirs=[] "
                 "to hold out 5% of the training speakers' utterances instead"
             )
-    _check_nesting(existing, cfg.val_dirs)
-    indexes = open_indexes(existing + list(cfg.val_dirs), cfg.index_root, check=cfg.index_check, pack=cfg.pack_codes,
-                           rebuild=cfg.index_rebuild, nj=cfg.nj, progress=progress)
-    return Corpus(indexes), missing, len(existing)
 
 
 def _check_nesting(data_dirs: Sequence[str], val_dirs: Sequence[str]) -> None:
