@@ -25,7 +25,13 @@ Keys (DESIGN.md, "Training data at scale"):
   bucketed batches over plain random batches of the same padded budget (the recipe's unless
   ``--train-budget``), alternating step by step in one run;
 - ``read_packed_ms`` / ``read_file_ms``: reading one example's codes from the packed shards / its file;
-- ``recipe_hours_kept``: share of the corpus hours config/LibriTTS/ar.yml's filters keep.
+- ``recipe_hours_kept``: share of the corpus hours config/LibriTTS/ar.yml's filters keep;
+- ``sample_by``: what the draws above are uniform over (``--sample-by``; default the recipe's, i.e.
+  ``auto``); ``by_unit`` repeats the sampler-only keys (``pad_fraction``, ``max_padded_over_budget``,
+  ``rows_per_batch``, ``resume_s_1m``) for both units, so one run compares them.
+
+The recipe's ``val_dirs`` (LibriTTS dev-clean) is replaced by ``[]``: the fabricated corpus has no
+val folder, and its val split is the 5% hold-out.
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ def _smaps(pid: int) -> dict[str, float]:
 def recipe_config(recipe: str, corpus: Path, **fields):
     from vall_e.config import Config
 
-    words = [f"yaml={recipe}", f"data_dirs=[{corpus}]", "device=cpu"] + [f"{k}={v}" for k, v in fields.items()]
+    words = [f"yaml={recipe}", f"data_dirs=[{corpus}]", "val_dirs=[]", "device=cpu"] + [f"{k}={v}" for k, v in fields.items()]
     return Config.parse(words)
 
 
@@ -154,8 +160,8 @@ def _loader_speed(bundle, batches: int = 100) -> dict[str, float]:
     return {"first_batch_s": round(first, 2), "examples_per_s": round(n / (time.time() - t1), 1)}
 
 
-def _padding(bundle, batches: int = 2000) -> dict[str, float]:
-    sampler = bundle.sampler(rank=0)
+def _padding(bundle, batches: int = 2000, **overrides) -> dict[str, float]:
+    sampler = bundle.sampler(rank=0, **overrides)
     budget = bundle.cfg.batch_frames
     positions = padded = 0
     worst = 0.0
@@ -280,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-steps", type=int, default=4, help="measured steps per batching mode")
     parser.add_argument("--prompt-mode", choices=("speaker", "paper"), default=None,
                         help="override the recipe's prompt_mode (the LibriTTS recipes use paper)")
+    parser.add_argument("--sample-by", choices=("utterance", "speaker", "auto"), default=None,
+                        help="override the recipe's sample_by (what a draw is uniform over; auto follows arch)")
     parser.add_argument("--skip-build", action="store_true", help="reuse an existing index (index_build_s = null)")
     parser.add_argument("--activations", action="store_true", help="also measure activation kB per token (quarter, full)")
     return parser
@@ -297,6 +305,8 @@ def main() -> None:
 
     corpus = fabricate(args.workdir, args.utterances)
     mode = {"prompt_mode": args.prompt_mode} if args.prompt_mode else {}
+    if args.sample_by:
+        mode["sample_by"] = args.sample_by
     result: dict[str, object] = {"utterances": args.utterances, "recipe": os.path.relpath(args.recipe, REPO)}
     if args.skip_build and index_home(corpus).exists():
         result["index_build_s"] = None
@@ -311,6 +321,7 @@ def main() -> None:
 
     bundle = load_data(recipe_config(args.recipe, corpus, nj=0, **mode), progress=False)
     result["prompt_mode"] = bundle.cfg.prompt_mode
+    result["sample_by"] = bundle.cfg.sampling_unit
     kept = np.concatenate([bundle.train, bundle.val])
     result["recipe_hours_kept"] = round(float(bundle.n_frames[kept].sum() / bundle.n_frames.sum()), 4)
     result["recipe_utterances_kept"] = round((len(bundle.train) + len(bundle.val)) / len(bundle.corpus), 4)
@@ -319,6 +330,13 @@ def main() -> None:
     t0 = time.time()
     next(iter(bundle.sampler(rank=0, start_batch=1_000_000)))
     result["resume_s_1m"] = round(time.time() - t0, 3)
+    result["by_unit"] = {}
+    for unit in ("speaker", "utterance"):
+        row = _padding(bundle, unit=unit)
+        t0 = time.time()
+        next(iter(bundle.sampler(rank=0, start_batch=1_000_000, unit=unit)))
+        row["resume_s_1m"] = round(time.time() - t0, 3)
+        result["by_unit"][unit] = row
     result.update(_read_costs(bundle))
     result.update(_loader_speed(bundle))
     result.update(_worker_memory(bundle))

@@ -24,6 +24,13 @@ full disk) finishes the job:
 ``--mirror`` may be a local folder or ``file://`` URL holding the archives (offline machines,
 tests). LibriTTS speakers are the grandparent folder: train with
 ``spkr_name_getter="lambda p: p.parts[-3]"``.
+
+The recipes (``config/LibriTTS/*.yml``) train on ``data/LibriTTS/`` and take their zero-shot val
+split from ``data/LibriTTS/dev-clean/`` (``val_dirs``: 40 speakers no training subset has; the
+folder is kept out of training although it lies inside ``data_dirs``). ``dev-clean`` is the
+default subset, so a plain run prepares it; with another ``--root`` the script prints the
+``data_dirs=``/``val_dirs=`` words to train on it. The test subsets share speakers with the
+evaluation's LibriSpeech test-clean: prepare them under another ``--root`` (the script warns).
 """
 
 from __future__ import annotations
@@ -268,7 +275,30 @@ def _main(argv: list[str] | None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"done: {', '.join(args.subsets)} in {args.root}")
+    for line in recipe_notes(args.root):
+        print(line)
     return 0
+
+
+RECIPE_ROOT = Path("data/LibriTTS")  # the recipes' data_dirs; their val_dirs is its dev-clean
+VAL_SUBSET = "dev-clean"
+
+
+def recipe_notes(root: Path) -> list[str]:
+    """What a user of ``config/LibriTTS/*.yml`` needs to know about the subsets now in ``root``."""
+    notes = []
+    here = [s for s in SUBSETS if (root / s).is_dir()]
+    if not (root / VAL_SUBSET).is_dir():
+        notes.append(f"note: the LibriTTS recipes take their zero-shot val split from {root / VAL_SUBSET} (val_dirs), "
+                     f"which is not prepared yet: add --subsets {VAL_SUBSET}")
+    if os.path.normpath(root) != os.path.normpath(RECIPE_ROOT):
+        notes.append(f"note: the LibriTTS recipes read {RECIPE_ROOT}/; for this root train with "
+                     f"data_dirs=[{root}] val_dirs=[{root / VAL_SUBSET}]")
+    tests = [s for s in here if s.startswith("test-")]
+    if tests:
+        notes.append(f"warning: {', '.join(tests)} in {root} would be trained on with data_dirs=[{root}] (their speakers "
+                     "are the evaluation's LibriSpeech test-clean speakers); keep them under another --root")
+    return notes
 
 
 if __name__ == "__main__":

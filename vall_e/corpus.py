@@ -69,8 +69,11 @@ from .utils.helpers import atomic_write_text, boot_id, process_alive, process_st
 
 _logger = logging.getLogger(__name__)
 
-INDEX_VERSION = 2  # 2: codes checked against the codebook size (1 accepted any int16)
-CODEBOOK_SIZE = 1024  # EnCodec 24 kHz: every code of every level is below this (the models' num_tokens)
+# 3: a per-utterance max_code column (num_tokens checked at load); 2: codes checked against 1024 at
+# build time; 1: any int16. An index of another version is rebuilt at the next start.
+INDEX_VERSION = 3
+CODEBOOK_SIZE = 1024  # EnCodec 24 kHz: every code of every level is below this (num_tokens' default)
+CODE_STORE_MAX = np.iinfo(np.int16).max  # the largest code the packed int16 shards can hold
 N_CODEBOOKS = 8
 QNT_SUFFIX, PHN_SUFFIX = ".qnt.pt", ".phn.txt"
 INDEX_DIR = ".vall_e"
@@ -92,6 +95,7 @@ _ARRAYS = {
     "phones": np.uint16,
     "shard": np.int32,  # -1: not packed
     "code_off": np.int64,  # first frame in the shard
+    "max_code": np.int16,  # largest code of any level (-1 when not OK): num_tokens is checked at load
 }
 
 _BLOCK_FILES = 4000  # utterances per packing task (one shard file each when run in parallel)
@@ -446,8 +450,13 @@ def walk(root: Path, threads: int = 8) -> tuple[list[str], list[int], list[Recor
 # reading one utterance (build time)
 
 
-def read_codes_file(path: str | Path) -> np.ndarray:
-    """``<id>.qnt.pt`` -> ``(T, 8)`` int16 codes; raises ``ValueError`` saying what is wrong."""
+def read_codes_file(path: str | Path, num_tokens: int | None = CODEBOOK_SIZE) -> np.ndarray:
+    """``<id>.qnt.pt`` -> ``(T, 8)`` int16 codes; raises ``ValueError`` saying what is wrong.
+
+    Every code must lie in ``0..num_tokens - 1``; ``num_tokens=None`` checks only that it can be
+    stored as int16 (``0..32767``): the index build, which records each utterance's largest code so
+    that ``num_tokens`` is applied at load and changing it needs no rebuild.
+    """
     import torch
 
     try:
@@ -460,18 +469,30 @@ def read_codes_file(path: str | Path) -> np.ndarray:
     if codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool or codes.shape[-1] == 0:
         raise ValueError(f"codes must be a non-empty integer tensor, found {codes.dtype} with shape {tuple(codes.shape)}")
     lo, hi = int(codes.min()), int(codes.max())
-    if lo < 0 or hi >= CODEBOOK_SIZE:
-        bad = lo if lo < 0 else hi
-        raise ValueError(f"holds the code {bad}, outside 0..{CODEBOOK_SIZE - 1} (EnCodec's codebook, num_tokens="
-                         f"{CODEBOOK_SIZE}); it was not written by python -m vall_e.emb.qnt: re-encode its audio")
+    if num_tokens is None:
+        if lo < 0 or hi > CODE_STORE_MAX:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"holds the code {bad}, outside 0..{CODE_STORE_MAX} (codes are stored as int16; "
+                             f"EnCodec's are 0..{CODEBOOK_SIZE - 1}); it was not written by python -m vall_e.emb.qnt: "
+                             "re-encode its audio")
+    elif lo < 0 or hi >= num_tokens:
+        raise ValueError(out_of_range_message(lo if lo < 0 else hi, num_tokens))
     return codes[0].t().to(torch.int16).numpy()
+
+
+def out_of_range_message(code: int, num_tokens: int) -> str:
+    """What is wrong with a file holding ``code`` outside ``0..num_tokens - 1`` (follows its path)."""
+    hint = "" if num_tokens != CODEBOOK_SIZE else " (EnCodec's codebook)"
+    return (f"holds the code {code}, outside 0..{num_tokens - 1}{hint}, num_tokens={num_tokens}; it was not "
+            "written by python -m vall_e.emb.qnt with this codec: re-encode its audio (or set num_tokens to the "
+            "codec's codebook size)")
 
 
 def _pack_block(task: tuple[str, list[tuple[str, str]], str | None]) -> list[tuple]:
     """Read a block of utterances; append their codes to one shard file (written atomically).
 
     ``task`` is ``(root, [(rel qnt path, rel phn path or ""), ...], shard path or None)``. Returns,
-    per utterance, ``(status, n_frames, code_off, phones list, message)``.
+    per utterance, ``(status, n_frames, code_off, phones list, message, max_code)``.
     """
     root, items, shard_path = task
     out = []
@@ -484,24 +505,25 @@ def _pack_block(task: tuple[str, list[tuple[str, str]], str | None]) -> list[tup
     try:
         for qnt_rel, phn_rel in items:
             if not phn_rel:
-                out.append((NO_PHONES, 0, -1, [], ""))
+                out.append((NO_PHONES, 0, -1, [], "", -1))
                 continue
             try:
                 phones = Path(root, phn_rel).read_text(encoding="utf-8").split()
             except (OSError, UnicodeDecodeError) as e:
-                out.append((BAD_PHONES, 0, -1, [], f"{Path(root, phn_rel)}: cannot be read ({e})"))
+                out.append((BAD_PHONES, 0, -1, [], f"{Path(root, phn_rel)}: cannot be read ({e})", -1))
                 continue
             try:
-                codes = read_codes_file(Path(root, qnt_rel))
+                codes = read_codes_file(Path(root, qnt_rel), num_tokens=None)  # num_tokens applies at load
             except (ValueError, OSError) as e:
-                out.append((BAD_CODES, 0, -1, [], f"{Path(root, qnt_rel)}: {e}"))
+                out.append((BAD_CODES, 0, -1, [], f"{Path(root, qnt_rel)}: {e}", -1))
                 continue
+            top = int(codes.max())
             if sink is not None:
                 sink.write(np.ascontiguousarray(codes).tobytes())
-                out.append((OK, len(codes), offset, phones, ""))
+                out.append((OK, len(codes), offset, phones, "", top))
                 offset += len(codes)
             else:
-                out.append((OK, len(codes), -1, phones, ""))
+                out.append((OK, len(codes), -1, phones, "", top))
         if sink is not None:
             sink.flush()
             os.fsync(sink.fileno())
@@ -609,10 +631,11 @@ class CorpusIndex:
         return arr
 
     def codes(self, i: int) -> np.ndarray:
-        """``(T, 8)`` int16 codes of utterance ``i``: from the packed shard, else from its file."""
+        """``(T, 8)`` int16 codes of utterance ``i``: from the packed shard, else from its file (as stored:
+        ``num_tokens`` is the caller's check, see :attr:`max_code`)."""
         s = int(self.shard[i])
         if s < 0:
-            return read_codes_file(self.qnt_path(i))
+            return read_codes_file(self.qnt_path(i), num_tokens=None)
         off, n = int(self.code_off[i]), int(self.n_frames[i])
         return np.array(self._shard(s)[off : off + n])
 
@@ -642,9 +665,22 @@ def content_digest(dirs: Sequence[str], symbols: Sequence[str], arrays: dict[str
     return h.hexdigest()[:32]
 
 
+_said_version: set[str] = set()
+
+
 def _load_current(root: Path, home: Path) -> CorpusIndex | None:
     gen = current_generation(home)
     if gen is None:
+        return None
+    try:  # an index of another version may lack arrays this one reads: look at its version first
+        version = json.loads((gen / "meta.json").read_text(encoding="utf-8")).get("version")
+    except (OSError, ValueError, AttributeError):
+        version = None  # unreadable: CorpusIndex below names the problem
+    if version is not None and version != INDEX_VERSION:
+        if str(gen) not in _said_version:  # open_index looks twice (before and under the build lock)
+            _said_version.add(str(gen))
+            _logger.info("the corpus index %s has version %s, this program writes %d: rebuilding it once", gen,
+                         version, INDEX_VERSION)
         return None
     try:
         index = CorpusIndex(root, gen)
@@ -790,6 +826,7 @@ def _build(
     n_frames = np.zeros(n, np.int32)
     shard = np.full(n, -1, np.int32)
     code_off = np.full(n, -1, np.int64)
+    max_code = np.full(n, -1, np.int16)
     phone_lists: dict[int, np.ndarray] = {}
     if old is not None:
         keep = np.flatnonzero(reuse >= 0)
@@ -798,6 +835,7 @@ def _build(
         n_frames[keep] = old.n_frames[src]
         shard[keep] = old.shard[src]
         code_off[keep] = old.code_off[src]
+        max_code[keep] = old.max_code[src]
 
     if len(todo):
         (home / "shards").mkdir(parents=True, exist_ok=True)
@@ -819,10 +857,11 @@ def _build(
                 frames = sum(res[1] for res in result if res[0] == OK)
                 s = len(shards)
                 shards.append([shard_name, int(frames)])
-            for k, (st, nf, off, phones, msg) in zip(rows, result):
+            for k, (st, nf, off, phones, msg, top) in zip(rows, result):
                 status[k] = st
                 if st == OK:
                     n_frames[k] = nf
+                    max_code[k] = top
                     shard[k], code_off[k] = (s, off) if pack else (-1, -1)
                     ids = []
                     for p in phones:
@@ -873,6 +912,7 @@ def _build(
         "phones": phones,
         "shard": shard,
         "code_off": code_off,
+        "max_code": max_code,
     }
     # drop shards no row points at any more; keep the shard numbering stable by renumbering
     used = sorted(set(shard[shard >= 0].tolist()))
@@ -1074,7 +1114,7 @@ def agree(identities: list[list[dict[str, Any]] | dict[str, Any]]) -> str | None
                 groups.setdefault((x["host"], x["gen"], x["n"], x["digest"]), []).append(rank)
         for (host, gen, n, digest), ranks in groups.items():
             lines.append(
-                f"data_dirs[{k}]: rank 0 on host {first['host']!r} maps {first['gen']} ({first['n']} utterances, "
+                f"folder {first['root']}: rank 0 on host {first['host']!r} maps {first['gen']} ({first['n']} utterances, "
                 f"content {first['digest'][:12]}), but {_ranks_text(ranks)} on host {host!r} "
                 f"map{'s' if len(ranks) == 1 else ''} {gen} ({n} utterances, content {digest[:12]})"
             )
@@ -1180,7 +1220,7 @@ def _open_elsewhere(scope: str, data_dirs: Sequence[str | Path], homes: list[Pat
         raise DataError(
             f"rank 0 on host {probes.get('host', '?')!r} opens the data folders {probes['dirs']}, but rank "
             f"{distributed.global_rank()} on host {distributed.host_id()!r} finds {mine}: every node needs every "
-            "folder of data_dirs (a folder missing on a node is skipped there: the nodes would train on different data)"
+            "folder of data_dirs and val_dirs (a folder missing on a node is skipped there: the nodes would train on different data)"
         )
     tokens = probes["tokens"]
     folders = range(len(homes))

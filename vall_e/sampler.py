@@ -1,9 +1,16 @@
-"""Speaker-balanced, length-bucketed training batches under a true padded budget, resumable in O(1).
+"""Length-bucketed training batches under a true padded budget, uniform over utterances or speakers, resumable in O(1).
 
-A *draw* picks a speaker uniformly, then one of that speaker's utterances, then its acoustic prompt:
-1..``max_prompts`` other utterances of the same speaker, adding one more with probability
-``p_additional_prompt`` (the reference's policy). A draw's sequence length is known before any
-audio is read: text (with ``<s>``, ``</s>``) + 2 separators + prompt frames + response frames.
+A *draw* picks an utterance, then its acoustic prompt. ``unit`` says what the draw is uniform over:
+
+- ``"utterance"``: every training utterance equally often (each speaker in proportion to its
+  utterances; what the VALL-E paper's training amounts to);
+- ``"speaker"``: a speaker uniformly, then one of that speaker's utterances (the reference's
+  speaker balance: a speaker with 8 utterances is drawn as often as one with 800).
+
+With speaker prompts the prompt is 1..``max_prompts`` other utterances of the draw's speaker,
+adding one more with probability ``p_additional_prompt`` (the reference's policy), in either unit.
+A draw's sequence length is known before any audio is read: text (with ``<s>``, ``</s>``) + 2
+separators + prompt frames + response frames.
 
 Batch ``k`` of rank ``r`` comes from its own random stream seeded by ``(seed, r, k)``:
 
@@ -13,7 +20,7 @@ Batch ``k`` of rank ``r`` comes from its own random stream seeded by ``(seed, r,
 3. the batch is one chunk, picked uniformly.
 
 Every candidate lands in exactly one chunk and every chunk is equally likely, so each member of a
-batch is marginally an ordinary speaker-balanced draw, while its neighbours have nearly its length
+batch is marginally an ordinary draw of the chosen unit, while its neighbours have nearly its length
 (little padding). Batches are independent of each other, hence shuffled by construction, and batch
 1,000,000 costs what batch 0 costs: resuming needs only the number of batches consumed.
 ``bucket_batches=0`` gives plain random batches (draws in order until the budget is full).
@@ -47,6 +54,7 @@ def min_prompt_frames(spkr_start: np.ndarray, frames: np.ndarray) -> np.ndarray:
 
 
 PROMPTS = ("speaker", "none", "segment")
+UNITS = ("speaker", "utterance")
 
 
 def segment_frames_of(frames: "np.ndarray | int", segment_frames: int) -> np.ndarray:
@@ -85,6 +93,8 @@ class BucketBatchSampler:
         own_cost: ``(m,)`` sequence length of each utterance without its prompt
             (phones + 2 for ``<s>``/``</s>`` + 2 separators + frames).
         prompt: ``"speaker"`` | ``"none"`` | ``"segment"`` (module docstring).
+        unit: ``"speaker"`` (a speaker uniformly, then one of its utterances) | ``"utterance"`` (every
+            utterance equally often); :data:`UNITS`.
         segment_frames: longest self-prompt segment (``"segment"``; the paper's 3 s = 225 frames).
         frames: ``(m,)`` frames of each utterance (its cost as a prompt).
         batch_size: rows per batch when ``batch_frames`` is 0.
@@ -114,10 +124,13 @@ class BucketBatchSampler:
         start_batch: int = 0,
         prompt: str = "speaker",
         segment_frames: int = 225,
+        unit: str = "speaker",
     ):
         if prompt not in PROMPTS:
             raise ValueError(f"prompt={prompt!r}: use one of {PROMPTS}")
-        self.prompt, self.segment_frames = prompt, segment_frames
+        if unit not in UNITS:
+            raise ValueError(f"unit={unit!r}: use one of {UNITS}")
+        self.prompt, self.segment_frames, self.unit = prompt, segment_frames, unit
         self.rows = np.asarray(rows, dtype=np.int64)
         self.spkr_start = np.asarray(spkr_start, dtype=np.int64)
         counts = np.diff(self.spkr_start)
@@ -148,13 +161,20 @@ class BucketBatchSampler:
         return int(max(self.bucket_batches, 1) * per_batch) + 1
 
     def _candidates(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``n`` speaker-balanced draws: positions ``(n,)``, prompt positions ``(n, max_prompts)`` (-1 =
-        none; ``"segment"``: ``(n, 2)`` start and length of the self-prompt) and sequence lengths ``(n,)``;
+        """``n`` draws of ``unit``: positions ``(n,)``, prompt positions ``(n, max_prompts)`` (-1 = none;
+        ``"segment"``: ``(n, 2)`` start and length of the self-prompt) and sequence lengths ``(n,)``;
         over-budget prompts already trimmed (length -1 = unusable)."""
-        spk = rng.integers(0, len(self.spkr_start) - 1, n)
-        start = self.spkr_start[spk]
-        count = self.spkr_start[spk + 1] - start
-        pos = (rng.random(n) * count).astype(np.int64)
+        if self.unit == "speaker":
+            spk = rng.integers(0, len(self.spkr_start) - 1, n)
+            start = self.spkr_start[spk]
+            count = self.spkr_start[spk + 1] - start
+            pos = (rng.random(n) * count).astype(np.int64)
+        else:  # uniform over positions; the speaker (for prompts) is the group the position falls in
+            at = rng.integers(0, len(self.rows), n)
+            spk = np.searchsorted(self.spkr_start, at, side="right") - 1
+            start = self.spkr_start[spk]
+            count = self.spkr_start[spk + 1] - start
+            pos = at - start
         if self.prompt != "speaker":
             own = self.own_cost[start + pos]
             if self.prompt == "none":
