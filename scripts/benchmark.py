@@ -29,7 +29,10 @@ With ``--arch both`` the output is ``{"enhuiz": {...}, "paper": {...}, "paper_ov
 
 There each size's object holds its AR measurements (generation, training, syncs), ``nar`` the NAR's
 (which has no grouping) once, and ``over_group_size_1`` every AR timing of a size divided by the
-G = 1 one (``ar_ms_per_frame_cached_750`` among them).
+G = 1 one (``ar_ms_per_frame_cached_750`` among them). With several sizes ``ar_ms_per_frame_cached_750``
+is timed round-robin, repeat r of every size before repeat r + 1, so a change of load on a shared CPU
+falls on every size alike (timed one size after the other, under a load average of 5-6 on 2 cores, the
+G = 2 over G = 1 ratio came out 0.94 once and 0.46 round-robin); the other keys are timed size by size.
 """
 
 from __future__ import annotations
@@ -76,6 +79,22 @@ def inputs(batch: int, n_resp: int, device: torch.device, seed: int = 0):
     proms = [torch.randint(0, 1024, (PROMPT_FRAMES, 8), generator=g).to(device) for _ in range(batch)]
     resps = [torch.randint(0, 1024, (n_resp, 8), generator=g).to(device) for _ in range(batch)]
     return text, proms, resps
+
+
+def ms_per_frame_750(ars: dict, device, repeats: int) -> dict:
+    """``ar_ms_per_frame_cached_750`` of every model of ``ars`` (by group size), best of ``repeats``, timed
+    round-robin: one decoding of each model per round (batch 1, sampled, 750 frames, prefill included)."""
+    text, proms, _ = inputs(1, 0, device)
+    best = {g: float("inf") for g in ars}
+
+    def decode(ar) -> None:
+        gen = torch.Generator(device).manual_seed(0)
+        ar.generate(text, proms, max_steps=AUDIO_10S, ignore_stop=True, temperature=1.0, generator=gen)
+
+    for _ in range(repeats):
+        for g, ar in ars.items():
+            best[g] = min(best[g], best_time(lambda: decode(ar), 1, device) / AUDIO_10S * 1e3)
+    return best
 
 
 def bench_ar_generation(ar, device, repeats: int, quick: bool) -> dict:
@@ -230,9 +249,11 @@ def run(args: argparse.Namespace, arch: str, device: torch.device, sizes: list[i
         nar_result[f"nar_train_frames_per_s_{args.amp}"] = TRAIN_BATCH * TRAIN_RESP / seconds
 
     by_size: dict[str, dict] = {}
+    ars = {}
     for g in sizes:
         torch.manual_seed(0)
-        ar = get_model(f"ar{suffix}", arch=arch, group_size=g).to(device).eval()
+        ars[g] = get_model(f"ar{suffix}", arch=arch, group_size=g).to(device).eval()
+    for g, ar in ars.items():
         result: dict = {"group_size": g}
         result.update(bench_ar_generation(ar, device, repeats, args.quick))
         result["synth_10s_s"] = result["ar_ms_per_frame_cached_750"] * AUDIO_10S / 1e3 + nar_result["nar_infer_s_10s"]
@@ -246,6 +267,10 @@ def run(args: argparse.Namespace, arch: str, device: torch.device, sizes: list[i
         if len(sizes) > 1:  # the NAR's syncs are reported once, with the NAR
             nar_result["nar_train_syncs"] = result.pop("nar_train_syncs")
         by_size[str(g)] = result
+    if len(sizes) > 1:  # the comparison's key, timed round-robin (see the module docstring)
+        for g, ms in ms_per_frame_750(ars, device, repeats).items():
+            by_size[str(g)]["ar_ms_per_frame_cached_750"] = ms
+            by_size[str(g)]["synth_10s_s"] = ms * AUDIO_10S / 1e3 + nar_result["nar_infer_s_10s"]
 
     facts: dict = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
     if device.type == "cuda":
