@@ -68,7 +68,7 @@ class Config(BaseConfig):
     val_dirs: list[str] = field(default_factory=list, help="folders of held-out speakers (e.g. LibriTTS dev-clean): the "
                                 "val split and its prompts come from them (zero-shot); empty: val holds seen speakers")
     max_num_val: int = field(20, help="most utterances in each evaluation split")
-    max_val_ar_steps: int = field(300, help="AR generation steps during evaluation")
+    max_val_ar_steps: int = field(300, help="most AR frames generated per utterance during evaluation")
     min_seconds: float = field(0.0, help="drop utterances shorter than this (seconds of audio)")
     max_seconds: float = field(0.0, help="drop utterances longer than this (0 = no limit)")
     batch_frames: int = field(0, help="if > 0, bound on the padded batch: rows x longest sequence (else batch_size)")
