@@ -460,6 +460,7 @@ def _chunks(n: int, size: int) -> list[range]:
 
 def _text_ids(items: Sequence[Item], phone_map: dict[str, int]) -> tuple[list[Item], list["Tensor"], int]:
     """Items whose phones the model knows, their ``(t,)`` ids of ``<s> … </s>``, and how many were skipped."""
+    from vall_e.ar import whole_groups
     from vall_e.data import DataError, encode_phones
 
     kept, ids, skipped = [], [], 0
@@ -552,10 +553,12 @@ def continuation_lengths(model: Any, items: Sequence[Item], phone_map: dict[str,
     """
     import torch
 
+    from vall_e.ar import whole_groups
     from vall_e.data import DataError, encode_phones
     from vall_e.inference import SEPARATOR
 
     sep = [SEPARATOR] if SEPARATOR in phone_map else []
+    group_size = getattr(model.config, "group_size", 1)
     texts, prefixes, trues, skipped = [], [], [], 0
     for ref, target in continuation_pairs(items):
         try:
@@ -563,7 +566,8 @@ def continuation_lengths(model: Any, items: Sequence[Item], phone_map: dict[str,
         except DataError:
             skipped += 1
             continue
-        prefixes.append(ref.codes[:, 0])
+        prefix = ref.codes[:, 0]  # a grouped AR continues from whole groups, as synthesis cuts them
+        prefixes.append(prefix[: whole_groups(len(prefix), group_size)])
         trues.append(len(target.codes))
     if not texts:
         return {"len_error": None, "len_ratio": None, "stop_rate": None, "n": 0, "skipped": skipped}
