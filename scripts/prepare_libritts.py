@@ -247,10 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def split_words(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(config words for the tokenizers, the rest for the parser). A config word is ``key=value`` with a
+    Config field as key; any other word with ``=`` (such as the value of ``--md5 train-clean-100=<hex>``)
+    is the parser's."""
+    from vall_e.config import Config
+
+    fields = set(Config.field_names())
+    overrides = [w for w in argv if "=" in w and not w.startswith("-") and w.split("=", 1)[0] in fields]
+    return overrides, [w for w in argv if w not in overrides]
+
+
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    overrides = [w for w in argv if "=" in w and not w.startswith("-")]
-    rest = [w for w in argv if w not in overrides]
+    overrides, rest = split_words(argv)
     parser = build_parser()
     args = parser.parse_args(rest)
     unknown = [s for s in args.subsets if s not in SUBSETS]

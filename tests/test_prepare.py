@@ -152,3 +152,10 @@ def test_libriheavy_cuts_become_segments_and_codes(espeak_corpus: Path, tmp_path
     assert (out / "100" / f"{rows[0]['id']}.normalized.txt").read_text() == "Cut number 0, read aloud.\n"
     assert heavy.main([str(tmp_path / "missing.jsonl.gz"), str(manifest)]) == 2
     shutil.rmtree(out)
+
+
+def test_md5_values_are_not_config_words():
+    """``--md5 SUBSET=HEX`` (spaced) goes to the parser; only ``<Config field>=value`` words go to the tokenizers."""
+    overrides, rest = prep.split_words(["--md5", "dev-clean=abc123", "device=cpu", "--subsets", "dev-clean"])
+    assert overrides == ["device=cpu"]
+    assert prep.build_parser().parse_args(rest).md5 == ["dev-clean=abc123"]
