@@ -162,6 +162,17 @@ def bench_training(model, device, repeats: int, amp: str = "none") -> float:
     return best_time(step, repeats, device)
 
 
+def training_figures(kind: str, model, device: torch.device, repeats: int, amp: str) -> dict:
+    """``<kind>_train_step_s`` and ``<kind>_train_frames_per_s`` in fp32, plus the ``_<amp>`` pair when
+    ``amp`` is not ``"none"``."""
+    out: dict = {}
+    for suffix, dtype in [("", "none")] + ([(f"_{amp}", amp)] if amp != "none" else []):
+        seconds = bench_training(model, device, repeats, dtype)
+        out[f"{kind}_train_step_s{suffix}"] = seconds
+        out[f"{kind}_train_frames_per_s{suffix}"] = TRAIN_BATCH * TRAIN_RESP / seconds
+    return out
+
+
 def count_syncs(ar, nar, device: torch.device) -> dict:
     """Host syncs of one training forward + backward of each model and of one cached generation."""
     out: dict = {}
@@ -241,12 +252,7 @@ def run(args: argparse.Namespace, arch: str, device: torch.device, sizes: list[i
     torch.manual_seed(0)
     nar = get_model(f"nar{suffix}", arch=arch).to(device).eval()
     nar_result: dict = {"nar_infer_s_10s": bench_nar_inference(nar, device, repeats)}
-    nar_result["nar_train_step_s"] = bench_training(nar, device, repeats)
-    nar_result["nar_train_frames_per_s"] = TRAIN_BATCH * TRAIN_RESP / nar_result["nar_train_step_s"]
-    if args.amp != "none":
-        seconds = bench_training(nar, device, repeats, args.amp)
-        nar_result[f"nar_train_step_s_{args.amp}"] = seconds
-        nar_result[f"nar_train_frames_per_s_{args.amp}"] = TRAIN_BATCH * TRAIN_RESP / seconds
+    nar_result.update(training_figures("nar", nar, device, repeats, args.amp))
 
     by_size: dict[str, dict] = {}
     ars = {}
@@ -257,12 +263,7 @@ def run(args: argparse.Namespace, arch: str, device: torch.device, sizes: list[i
         result: dict = {"group_size": g}
         result.update(bench_ar_generation(ar, device, repeats, args.quick))
         result["synth_10s_s"] = result["ar_ms_per_frame_cached_750"] * AUDIO_10S / 1e3 + nar_result["nar_infer_s_10s"]
-        result["ar_train_step_s"] = bench_training(ar, device, repeats)
-        result["ar_train_frames_per_s"] = TRAIN_BATCH * TRAIN_RESP / result["ar_train_step_s"]
-        if args.amp != "none":
-            seconds = bench_training(ar, device, repeats, args.amp)
-            result[f"ar_train_step_s_{args.amp}"] = seconds
-            result[f"ar_train_frames_per_s_{args.amp}"] = TRAIN_BATCH * TRAIN_RESP / seconds
+        result.update(training_figures("ar", ar, device, repeats, args.amp))
         result.update(count_syncs(ar, nar, device))
         if len(sizes) > 1:  # the NAR's syncs are reported once, with the NAR
             nar_result["nar_train_syncs"] = result.pop("nar_train_syncs")

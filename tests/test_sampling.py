@@ -18,17 +18,10 @@ from vall_e.corpus import BAD_CODES, current_generation, index_home, open_index
 from vall_e.data import DataError, load_data, summarize
 from vall_e.sampler import BucketBatchSampler, Draw
 
+from test_data import _synthetic  # n_spk speakers of per LibriTTS-like utterances each
+
 # ----------------------------------------------------------------------------------------------
 # the sampler
-
-
-def _synthetic(n_spk=40, per=30, seed=0):
-    """As tests/test_data.py's: ``n_spk`` speakers of ``per`` LibriTTS-like utterances each."""
-    rng = np.random.default_rng(seed)
-    frames = np.clip(rng.lognormal(np.log(350), 0.6, n_spk * per), 75, 2600).astype(np.int64)
-    phones = np.round(frames / 75 * 13.5).astype(np.int64)
-    starts = np.arange(0, n_spk * per + 1, per)
-    return np.arange(n_spk * per) + 1000, starts, phones + 4 + frames, frames
 
 
 def _unequal(counts=(2, 5, 50, 200), seed=1):
