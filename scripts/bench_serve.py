@@ -18,6 +18,9 @@ its answer before sending the next. Measured:
 - ``speedup_8_vs_1``: 8-client throughput over one-at-a-time (1 client) throughput;
 - ``unbatched_8``: 8 clients against a server started with ``--max-batch 1`` (concurrency without
   batching), and ``speedup_8_vs_unbatched``;
+- ``one_worker_1``: one client against a server started with ``--workers 1``, which gives a lone
+  request every thread (the lowest latency one request can get), and ``speedup_8_vs_one_worker_1``:
+  the 8-client throughput over that one, the strictest baseline;
 - ``batched_equals_alone``: every request's audio with 8 clients equals its audio alone;
 - ``long_form``: a 5-sentence text, streamed (time to the first chunk and to the end) and not.
 
@@ -237,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=16, help="requests per concurrency level (default 16)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-unbatched", action="store_true", help="skip the --max-batch 1 comparison")
+    p.add_argument("--no-one-worker", action="store_true", help="skip the --workers 1 one-at-a-time comparison")
     return p
 
 
@@ -259,11 +263,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     bodies = [{"model": "vall-e", "input": SENTENCES[i % len(SENTENCES)], "voice": voice, "seed": 1000 + i,
                "response_format": "pcm", "stream": False} for i in range(args.requests)]
 
-    import torch
-
     result: dict[str, Any] = {"preset": args.preset if args.ar_ckpt is None else str(ar), "device": args.device,
-                              "cpus": os.cpu_count(), "server_torch_threads": int(os.environ.get("OMP_NUM_THREADS") or
-                                                                                  torch.get_num_threads()),
+                              "cpus": os.cpu_count(),
                               "max_ar_steps": args.max_ar_steps,
                               "requests_per_level": args.requests, "codec": [w for w in words if "codec" in w]}
     with_server = lambda extra: _with_server(common + extra, env)  # noqa: E731
@@ -276,13 +277,22 @@ def main(argv: Optional[list[str]] = None) -> int:
         result["speedup_8_vs_1"] = round(result["clients_8"]["requests_per_s"] / result["clients_1"]["requests_per_s"], 3)
         result["batched_equals_alone"] = outputs[8] == outputs[1]
         result["long_form"] = long_form(url, voice, args.max_ar_steps)
-        result["server_batches"] = requests.get(f"{url}/health", timeout=60).json()["batches"]
+        health = requests.get(f"{url}/health", timeout=60).json()
+        result["server_batches"] = health["batches"]
+        result["server_workers"], result["server_torch_threads"] = health["limits"]["workers"], health["torch_threads"]
     if not args.no_unbatched:
         with with_server(["--max-batch", "1"]) as url:
             request(url, bodies[0])
             result["unbatched_8"], _ = load(url, bodies, 8)
         result["speedup_8_vs_unbatched"] = round(
             result["clients_8"]["requests_per_s"] / result["unbatched_8"]["requests_per_s"], 3)
+    if not args.no_one_worker:
+        with with_server(["--workers", "1"]) as url:
+            request(url, bodies[0])
+            result["one_worker_1"], _ = load(url, bodies, 1)
+            result["one_worker_torch_threads"] = requests.get(f"{url}/health", timeout=60).json()["torch_threads"]
+        result["speedup_8_vs_one_worker_1"] = round(
+            result["clients_8"]["requests_per_s"] / result["one_worker_1"]["requests_per_s"], 3)
     print(json.dumps(result, indent=2))
     return 0
 

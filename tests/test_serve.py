@@ -448,3 +448,127 @@ def test_sentences_and_voice_names(tmp_path):
     for bad in ("", "..", "../x", "a/b", "a\\b", "/abs", ".hidden", "x\x00y", "a" * 65, "trailing.", None, 3):
         with pytest.raises(VoiceError):
             safe_name(bad, tmp_path)
+
+
+def test_batcher_workers_share_the_queue_and_calls_run_alone():
+    from vall_e.serve import plan_workers
+    from vall_e.serving.batcher import Batcher, Job
+
+    lock = threading.Lock()
+    running, events = [0], []
+
+    def run_batch(rows):
+        with lock:
+            running[0] += 1
+            events.append(("start", len(rows), running[0]))
+        time.sleep(0.2)
+        if "bad" in rows and len(rows) > 1:
+            with lock:
+                running[0] -= 1
+            raise ValueError("one bad row")  # retried one row at a time
+        if "bad" in rows:
+            with lock:
+                running[0] -= 1
+            raise ValueError("the bad row")
+        with lock:
+            running[0] -= 1
+        return [f"done {r}" for r in rows]
+
+    batcher = Batcher(run_batch, max_batch=8, window_s=0.05, workers=2)
+    batcher.start()
+    try:
+        # eight jobs at once, two idle workers: four each, at the same time
+        with batcher.hold():
+            jobs = [Job(i) for i in range(8)]
+            batcher.submit(jobs)
+        assert [j.future.result(10) for j in jobs] == [f"done {i}" for i in range(8)]
+        assert sorted(e[1] for e in events) == [4, 4] and max(e[2] for e in events) == 2
+        assert batcher.stats()["most_running"] == 2
+
+        # a call waits for the running batches and no batch starts while it runs
+        def exclusive():
+            with lock:
+                events.append(("call", 0, running[0]))
+            time.sleep(0.1)
+            with lock:
+                events.append(("call end", 0, running[0]))
+            return "called"
+
+        events.clear()
+        first = [Job(i) for i in range(2)]
+        batcher.submit(first)
+        deadline = time.monotonic() + 10
+        while batcher.stats()["running"] < 2:  # both running
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        more = [Job(i) for i in range(2, 4)]
+        out: list = []
+        caller = threading.Thread(target=lambda: out.append(batcher.call(exclusive)))
+        caller.start()
+        time.sleep(0.02)
+        batcher.submit(more)
+        caller.join(10)
+        assert out == ["called"]
+        for j in first + more:
+            j.future.result(10)
+        kinds = [e[0] for e in events]
+        assert kinds.index("call") > max(i for i, k in enumerate(kinds[:kinds.index("call")]) if k == "start")
+        assert all(e[2] == 0 for e in events if e[0].startswith("call"))  # no batch ran beside it
+        assert kinds[kinds.index("call end") + 1:] and all(k == "start" for k in kinds[kinds.index("call end") + 1:])
+
+        # a failing batch is retried one row at a time: only the bad row fails
+        with batcher.hold():
+            jobs = [Job("ok1"), Job("bad"), Job("ok2")]
+            batcher.submit(jobs)
+        results = []
+        for j in jobs:
+            try:
+                results.append(j.future.result(10))
+            except ValueError as e:
+                results.append(str(e))
+        assert results == ["done ok1", "the bad row", "done ok2"]
+    finally:
+        batcher.close()
+    assert all(not t.is_alive() for t in batcher._threads)
+
+    # --workers 0 (auto): two on a CPU with two threads or more, each with its share; one on a GPU
+    assert plan_workers(0, "cpu", 2) == (2, 1) and plan_workers(0, "cpu", 8) == (2, 4)
+    assert plan_workers(0, "cpu", 1) == (1, 1) and plan_workers(3, "cpu", 8) == (3, 2)
+    assert plan_workers(0, "cuda:0", 16) == (1, 16) and plan_workers(1, "cpu", 2) == (1, 2)
+
+
+def test_two_workers_run_batches_side_by_side_with_alone_audio(zoo, prepared_corpus, texts, tmp_path):
+    srv = start_server(zoo, make_voices(prepared_corpus, tmp_path / "voices"), max_batch=8, workers=2)
+    try:
+        specs = [dict(input=texts[i % len(texts)], voice=("alice", "bob")[i % 2], seed=300 + i, temperature=1.0,
+                      max_ar_steps=STEPS + i) for i in range(6)]
+
+        def run(spec) -> bytes:
+            r = speech(srv, spec["input"], voice=spec["voice"], seed=spec["seed"], temperature=1.0,
+                       max_ar_steps=spec["max_ar_steps"], response_format="pcm", stream=False)
+            assert r.status_code == 200, r.text
+            return r.content
+
+        alone = [run(spec) for spec in specs]
+        results: dict[int, object] = {}
+        batcher = srv.service.batcher
+        before = batcher.stats()["batches"]
+        with batcher.hold():
+            threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, run(specs[i]))) for i in range(6)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 60
+            while batcher.pending() < 6:
+                assert time.monotonic() < deadline, f"only {batcher.pending()} requests arrived"
+                time.sleep(0.02)
+        for t in threads:
+            t.join(120)
+        stats = batcher.stats()
+        assert stats["batches"] == before + 2 and stats["most_running"] == 2  # three each, side by side
+        assert [results.get(i) for i in range(6)] == alone  # the same audio whichever worker ran it
+        health = requests.get(f"{srv.url}/health", timeout=30).json()
+        assert health["limits"]["workers"] == 2 and health["batches"]["workers"] == 2
+        assert_serves(srv, texts)
+    finally:
+        srv.running.stop()
+        srv.service.close()

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: the VALL_E_API_KEY variable, else none)")
     p.add_argument("--max-batch", type=int, default=8, help="most sentences per batched AR/NAR call (default 8)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="batches that may run at the same time, each on its share of the CPU threads (default 0 = "
+                        "auto: 1 on a GPU; on a CPU 2 when it has at least 2 threads, which overlaps one batch's "
+                        "memory-bound AR steps with another's compute-bound NAR passes); 1 gives a lone request all "
+                        "the threads")
     p.add_argument("--batch-window-ms", type=float, default=20.0,
                    help="how long a sentence that finds the models idle waits for others to batch with (default 20)")
     p.add_argument("--max-queue", type=int, default=32,
@@ -85,6 +90,7 @@ def settings_from_args(args: argparse.Namespace, voices_dir: Path, environ: Opti
     api_key = args.api_key if args.api_key is not None else (environ.get("VALL_E_API_KEY") or None)
     checks = [(args.max_batch >= 1, "--max-batch must be at least 1"),
               (args.max_queue >= 1, "--max-queue must be at least 1"),
+              (args.workers >= 0, "--workers must be >= 0 (0 = auto)"),
               (args.max_chars >= 1, "--max-chars must be at least 1"),
               (args.max_sentence_chars >= 20, "--max-sentence-chars must be at least 20"),
               (args.max_upload_mb > 0, "--max-upload-mb must be positive"),
@@ -100,16 +106,38 @@ def settings_from_args(args: argparse.Namespace, voices_dir: Path, environ: Opti
                     batch_window_s=args.batch_window_ms / 1000, max_queue=args.max_queue, max_chars=args.max_chars,
                     max_sentence_chars=args.max_sentence_chars, max_upload_bytes=int(args.max_upload_mb * 2**20),
                     max_voice_seconds=args.max_voice_seconds, max_voices=args.max_voices, pause_s=args.pause,
-                    prompt_seconds=args.prompt_seconds, max_ar_steps=args.max_ar_steps)
+                    prompt_seconds=args.prompt_seconds, max_ar_steps=args.max_ar_steps, workers=args.workers)
+
+
+def plan_workers(workers: int, device: str, threads: int) -> tuple[int, int]:
+    """``(workers, torch threads each)`` for ``--workers`` (0 = auto) on ``device`` with ``threads`` CPU threads.
+
+    On a CPU, concurrent batches split the threads between them: each worker's matrix products use
+    its own share, so two batches never fight over the same cores (OpenMP threads that spin while
+    another job holds their core slow both down many times over).
+    """
+    if device.startswith("cuda"):
+        return max(1, workers or 1), threads
+    workers = workers or (2 if threads >= 2 else 1)
+    return workers, max(1, threads // workers)
 
 
 def load_service(ar_ckpt: Path, nar_ckpt: Path, settings: Any, device: Optional[str] = None,
-                 codec_weights: str = "pretrained") -> Any:
-    """Load the models once and build the :class:`~vall_e.serving.app.Service` (codec and g2p warmed up)."""
+                 codec_weights: str = "pretrained", own_threads: bool = False) -> Any:
+    """Load the models once and build the :class:`~vall_e.serving.app.Service` (codec and g2p warmed up).
+
+    ``settings.workers`` 0 is resolved here (:func:`plan_workers`). ``own_threads``: the process is
+    the server's, so set its torch threads to each worker's share (the command line does).
+    """
+    import torch
+
     from .serving.app import Service
     from .serving.engine import ServingSynthesizer
 
     synth = ServingSynthesizer(ar_ckpt, nar_ckpt, device=device, codec_weights=codec_weights)
+    settings.workers, threads = plan_workers(settings.workers, str(synth.device), torch.get_num_threads())
+    if own_threads and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
     service = Service(synth, settings)
     service.warm_up()
     return service
@@ -193,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .inference import SynthesisError
 
     try:
-        service = load_service(args.ar_ckpt, args.nar_ckpt, settings, device, cfg.codec_weights)
+        service = load_service(args.ar_ckpt, args.nar_ckpt, settings, device, cfg.codec_weights, own_threads=True)
     except (InferenceFileError, CodecUnavailableError, SynthesisError, AudioError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -206,8 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     app = create_app(service)
     url = url_of(sock)
-    logger.info("serving %s + %s on %s (page: %s/ , API: %s/v1/audio/speech, voices in %s)", args.ar_ckpt,
-                args.nar_ckpt, service.synth.device, url, url, voices_dir)
+    import torch
+
+    logger.info("serving %s + %s on %s, %d worker(s) x %d thread(s) (page: %s/ , API: %s/v1/audio/speech, "
+                "voices in %s)", args.ar_ckpt, args.nar_ckpt, service.synth.device, settings.workers,
+                torch.get_num_threads(), url, url, voices_dir)
     print(f"VALL-E server ready at {url}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

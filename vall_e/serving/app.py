@@ -67,6 +67,7 @@ class Settings:
     pause_s: float = 0.25
     prompt_seconds: float = 3.0
     max_ar_steps: int = 1000
+    workers: int = 1  # batches that may run at the same time (see Batcher)
     model_name: str = "vall-e"
 
 
@@ -110,7 +111,8 @@ class Service:
             logger.warning("this AR is not plain one-code-per-step VALL-E: requests are synthesized one at a time")
         self.preparing = 0  # accepted requests whose sentences are being prepared
         self.batcher = Batcher(self.run_rows, settings.max_batch, settings.batch_window_s,
-                               max_wait_s=max(settings.batch_window_s, 0.25), preparing=lambda: self.preparing)
+                               max_wait_s=max(settings.batch_window_s, 0.25), preparing=lambda: self.preparing,
+                               workers=settings.workers)
         synth.exclusive = self.batcher.call
         # phones and prompt codes are prepared in one thread beside the batcher: g2p and the codec's
         # encoder then never run twice at once, and a bad text is answered while a batch runs
@@ -122,7 +124,7 @@ class Service:
         self.refused = 0
 
     def run_rows(self, rows: list[Row]) -> list[Any]:
-        """One batch (the batcher's thread)."""
+        """One batch (in one of the batcher's threads, maybe beside another batch)."""
         if self.row_batching:
             return generate_rows(self.synth, rows)
         return generate_one_by_one(self.synth, rows)
@@ -170,6 +172,8 @@ class Service:
             return self._admitted
 
     def health(self) -> dict[str, Any]:
+        import torch
+
         from ..version import __version__
 
         s, synth = self.settings, self.synth
@@ -189,9 +193,11 @@ class Service:
             "formats": list(audio.FORMATS),
             "limits": {"max_chars": s.max_chars, "max_sentence_chars": s.max_sentence_chars,
                        "max_upload_bytes": s.max_upload_bytes, "max_voice_seconds": s.max_voice_seconds,
-                       "max_ar_steps": s.max_ar_steps, "max_queue": s.max_queue, "max_batch": s.max_batch},
+                       "max_ar_steps": s.max_ar_steps, "max_queue": s.max_queue, "max_batch": s.max_batch,
+                       "workers": s.workers},
             "queue": {"requests": self.in_flight(), "refused": self.refused, "served": self.requests},
             "batches": self.batcher.stats(),
+            "torch_threads": torch.get_num_threads(),  # per worker
             "row_batching": self.row_batching,
         }
 
