@@ -285,7 +285,7 @@ def test_synthesis_and_the_server_engine_follow_the_files_group_size(tmp_path):
     groups (1 s = 75 frames -> 74 at G = 2); the server's per-row engine batches a grouped AR and a row alone
     draws what the synthesizer draws with its seed; frame limits stay frames."""
     from vall_e.inference import Request, Synthesizer, load_model
-    from vall_e.serving.engine import Row, Sampling, ServingSynthesizer, generate_rows, supports_rows
+    from vall_e.serving.engine import Row, Sampling, ServingSynthesizer
 
     paths = _export(tmp_path, 2)
     ar, meta = load_model(paths["ar"], "ar")
@@ -301,11 +301,10 @@ def test_synthesis_and_the_server_engine_follow_the_files_group_size(tmp_path):
     assert len(synth._prepare(Request("a cat", ref), 1.0, 0, 1)["ar_prompt"]) == 74
 
     serving = ServingSynthesizer(paths["ar"], paths["nar"], device="cpu", codec_weights="untrained")
-    assert supports_rows(serving)
     sampling = Sampling(top_p=0.9, ras=True, max_ar_steps=20)
     rows = [serving.prepare(Row(Request("a cat", ref, continual=c), 5, sampling, prompt_seconds=1.0)) for c in (True, False)]
-    batched = generate_rows(serving, rows)
-    alone = [generate_rows(serving, [row])[0] for row in rows]
+    batched = serving.generate(rows)
+    alone = [serving.generate([row])[0] for row in rows]
     for out, want in zip(alone, (cont, plain)):
         assert torch.equal(out.codes, want.codes) and out.prefix_frames == want.prefix_frames and out.cut == want.cut
     assert [len(o.codes) for o in batched] == [len(o.codes) for o in alone]
@@ -315,7 +314,7 @@ def test_synthesis_and_the_server_engine_follow_the_files_group_size(tmp_path):
     synth = Synthesizer(stops["ar"], stops["nar"], device="cpu", codec_weights="untrained")
     serving = ServingSynthesizer(stops["ar"], stops["nar"], device="cpu", codec_weights="untrained")
     rows = [serving.prepare(Row(Request("a cat", ref, continual=c), 5, sampling, prompt_seconds=1.0)) for c in (True, False)]
-    for c, row in zip((True, False), generate_rows(serving, rows)):
+    for c, row in zip((True, False), serving.generate(rows)):
         want = synth.synthesize("a cat", ref, continual=c, seed=5, **opts)
         assert len(want.codes) == len(row.codes) == 1 and want.stopped and row.stopped
 

@@ -305,6 +305,35 @@ def test_batched_equals_single(ar):
         assert torch.equal(batched[i], alone[0])
 
 
+def test_per_sample_generators_make_a_sample_independent_of_its_batch(ar, nar):
+    """One generator and one set of options per sample: each sample draws what it draws alone."""
+    text, proms, resps = make_batch(LENS, seed=6)
+    prefix = [r[:n, 0] for r, n in zip(resps, (4, 0, 2))]
+    opts = dict(temperature=[1.0, 0.8, 0.0], top_k=[0, 40, 0], top_p=[0.9, 1.0, 1.0], ras=[True, False, True],
+                ras_threshold=[0.1, 0.1, 0.2])
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12, 13)]  # noqa: E731
+    batched = ar.generate(text, proms, max_steps=24, generator=gens(), prefix_list=prefix, max_lens=[24, 9, 24], **opts)
+    for i, gen in enumerate(gens()):
+        one = slice(i, i + 1)
+        alone = ar.generate(text[one], proms[one], max_steps=24, generator=gen, prefix_list=prefix[one],
+                            max_lens=[(24, 9, 24)[i]], **{k: v[i] for k, v in opts.items()})
+        assert torch.equal(batched[i], alone[0]), f"sample {i} depends on its batch"
+    assert len(batched[1]) <= 9
+    # the same samples beside other company: unchanged
+    swapped = ar.generate(text[::-1], proms[::-1], max_steps=24, generator=gens()[::-1], prefix_list=prefix[::-1],
+                          max_lens=[24, 9, 24][::-1], **{k: v[::-1] for k, v in opts.items()})
+    assert all(torch.equal(a, b) for a, b in zip(batched, swapped[::-1]))
+    with pytest.raises(ValueError, match="top_p has 2 entries for 3 samples"):
+        ar.generate(text, proms, max_steps=3, top_p=[0.9, 0.9])
+
+    known = [r[:, 0] for r in resps]
+    filled = nar.generate(text, proms, known, temperature=[0.5, 1.0, 0.0], generator=gens())
+    for i, gen in enumerate(gens()):
+        alone = nar.generate(text[i : i + 1], proms[i : i + 1], known[i : i + 1], temperature=(0.5, 1.0, 0.0)[i],
+                             generator=gen)[0]
+        assert torch.equal(alone, filled[i])
+
+
 def test_ignore_stop_and_stop_token(ar):
     text, proms, _ = make_batch(LENS, seed=4)
     g = torch.Generator().manual_seed(0)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (
-    IGNORE, RAS_THRESHOLD, RAS_WINDOW, Base, Block, Linear, ModelConfig, ModelOutput, device_ints, prefix_lm_mask,
-    sample_logits, select_spans,
+    IGNORE, RAS_THRESHOLD, RAS_WINDOW, Base, Block, Linear, ModelConfig, ModelOutput, device_ints, per_sample,
+    prefix_lm_mask, sample_logits, select_spans,
 )
 
 
@@ -178,16 +178,16 @@ class AR(Base):
         text_list: list[Tensor],
         proms_list: list[Tensor],
         max_steps: int = 1000,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        generator: Optional[torch.Generator] = None,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        top_p: float | Sequence[float] = 1.0,
+        generator: Optional[torch.Generator | Sequence[torch.Generator]] = None,
         prefix_list: Optional[list[Tensor]] = None,
         ignore_stop: bool = False,
         use_cache: bool = True,
-        ras: bool = False,
+        ras: bool | Sequence[bool] = False,
         ras_window: int = RAS_WINDOW,
-        ras_threshold: float = RAS_THRESHOLD,
+        ras_threshold: float | Sequence[float] = RAS_THRESHOLD,
         max_lens: Optional[Sequence[int]] = None,
     ) -> list[Tensor]:
         """Sample codebook 1 for every sample of a batch, one group of ``group_size`` frames per step.
@@ -195,6 +195,14 @@ class AR(Base):
         The stop token is never filtered out by ``top_k``/``top_p`` (it keeps its plain probability),
         so a restrictive filter cannot make a generation endless. It ends a sample in whatever slot of
         a group it is drawn; the group's later slots are dropped. Every limit counts frames, not steps.
+
+        Per-sample sampling: ``generator`` and the sampling options (``temperature``, ``top_k``,
+        ``top_p``, ``ras``, ``ras_threshold``) also take one value per sample (a list). With one
+        generator per sample, sample i draws only from generator i, so its codes do not depend on
+        what else is in the batch: alone, with a generator seeded the same, it draws the same codes
+        (what a server batching unrelated requests needs). The rows share matrix products of another
+        shape, whose results differ from a lone sample's in the last bits. One shared generator and
+        scalar options draw the whole batch in one call instead.
 
         Args:
             text_list: b x ``(t_text,)`` phone ids.
@@ -235,6 +243,11 @@ class AR(Base):
                 ras=ras, ras_window=ras_window, ras_threshold=ras_threshold, max_lens=max_lens,
             )
         b, g = len(text_list), self.group_size
+        per_row = any(isinstance(v, (list, tuple)) for v in (generator, temperature, top_k, top_p, ras, ras_threshold))
+        if per_row:  # one sampler per sample: (generator, temperature, top_k, top_p, ras, ras_threshold)
+            rows = list(zip(*(per_sample(v, b, name) for v, name in (
+                (generator, "generator"), (temperature, "temperature"), (top_k, "top_k"), (top_p, "top_p"),
+                (ras, "ras"), (ras_threshold, "ras_threshold")))))
         if prefix_list is None:
             prefix_list = [text_list[0].new_zeros(0) for _ in range(b)]
         for i, pre in enumerate(prefix_list):
@@ -251,9 +264,12 @@ class AR(Base):
             limits = device_ints(caps, self.device)
         n_steps = -(-max_steps // g)  # groups; the last may run past max_steps frames, which are cut
         history = None
-        if ras:
-            if ras_window < 1:
-                raise ValueError(f"ras_window must be at least 1; got {ras_window}")
+        if (any(r[4] for r in rows) if per_row else ras) and ras_window < 1:
+            raise ValueError(f"ras_window must be at least 1; got {ras_window}")
+        if per_row:  # each sample its own window (None: no RAS for it)
+            histories = [ras_history([pre], 1, ras_window, self.device) if r[4] else None
+                         for pre, r in zip(prefix_list, rows)]
+        elif ras:
             history = ras_history(prefix_list, b, ras_window, self.device)
         was_training = self.training
         self.eval()  # no dropout while sampling
@@ -269,10 +285,17 @@ class AR(Base):
             for step in range(n_steps):
                 if ignore_stop:
                     logits[..., self.stop_token] = -math.inf
-                tokens = sample_group(
-                    logits, temperature, top_k, top_p, generator, keep_token=self.stop_token,
-                    history=history, first_frame=step * g, ras_threshold=ras_threshold,
-                )  # (b, G)
+                if per_row:  # every sample draws from its own sampler, stopped or not (it changes nothing)
+                    tokens = torch.cat([
+                        sample_group(logits[i : i + 1], temp, k, p, gen, keep_token=self.stop_token,
+                                     history=histories[i], first_frame=step * g, ras_threshold=threshold)
+                        for i, (gen, temp, k, p, _, threshold) in enumerate(rows)
+                    ])  # (b, G)
+                else:
+                    tokens = sample_group(
+                        logits, temperature, top_k, top_p, generator, keep_token=self.stop_token,
+                        history=history, first_frame=step * g, ras_threshold=ras_threshold,
+                    )  # (b, G)
                 if limits is not None:  # the length guard, per frame
                     tokens = tokens.masked_fill(limits[:, None] <= step * g + slots, self.stop_token)
                 out[:, step * g : (step + 1) * g] = tokens

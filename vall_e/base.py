@@ -45,7 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -475,6 +475,16 @@ def sample_logits(
     fallback = race(plain.softmax(-1), generator)
     ratio = (history == token[:, None]).sum(-1) / history.shape[-1]
     return torch.where(ratio > ras_threshold, fallback, token)
+
+
+def per_sample(value: Any, b: int, name: str) -> list:
+    """``value`` for each of ``b`` samples: a list or tuple as it is (it must have ``b`` entries),
+    anything else repeated. How :meth:`AR.generate` / :meth:`NAR.generate` take per-sample options."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != b:
+            raise ValueError(f"{name} has {len(value)} entries for {b} samples")
+        return list(value)
+    return [value] * b
 
 
 def race(probs: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:

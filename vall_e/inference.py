@@ -584,47 +584,62 @@ class Synthesizer:
 
     @_inference_mode()
     def _generate(
-        self, batch: list[dict[str, Any]], gen: "torch.Generator", *, ar_temp: float, nar_temp: float, top_k: int,
-        top_p: float, max_ar_steps: int, ras: bool, ras_window: int, ras_threshold: float, frames_per_phone: float,
+        self, batch: list[dict[str, Any]], gen: "torch.Generator | Sequence[torch.Generator]", *,
+        ar_temp: float | Sequence[float], nar_temp: float | Sequence[float], top_k: int | Sequence[int],
+        top_p: float | Sequence[float], max_ar_steps: int | Sequence[int], ras: bool | Sequence[bool], ras_window: int,
+        ras_threshold: float | Sequence[float], frames_per_phone: float | Sequence[float],
     ) -> list[Synthesis]:
+        """Generate prepared requests (:meth:`_prepare`) as one batch: AR, NAR, codec.
+
+        ``gen`` and every option but ``ras_window`` may be a list, one per request; with one
+        generator per request, a request's audio does not depend on the rest of the batch (see
+        :meth:`vall_e.ar.AR.generate`). Frames-per-phone values are resolved (no None).
+        """
         import math
 
         import torch
 
+        from .base import per_sample
+
+        n = len(batch)
+        steps = per_sample(max_ar_steps, n, "max_ar_steps")
         proms = [p["prompt"] for p in batch]
         prefixes = [p["prefix"] for p in batch]
         # the length guard: frames per phone of the target text (the reference part is the prefix)
         guards = [
-            max(1, math.ceil(frames_per_phone * p["n_target_phones"]) - p["guard_offset"]) if frames_per_phone > 0 else None
-            for p in batch
+            max(1, math.ceil(fpp * p["n_target_phones"]) - p["guard_offset"]) if fpp > 0 else None
+            for p, fpp in zip(batch, per_sample(frames_per_phone, n, "frames_per_phone"))
         ]
-        limits = [max_ar_steps if g is None else min(g, max_ar_steps) for g in guards]
+        limits = [m if g is None else min(g, m) for g, m in zip(guards, steps)]
         # one step past each limit: a model that emits its stop token exactly there stopped by itself
         new = self.ar.generate(
-            [p["ar_text"] for p in batch], [p["ar_prompt"] for p in batch], max_steps=max_ar_steps + 1,
+            [p["ar_text"] for p in batch], [p["ar_prompt"] for p in batch], max_steps=max(steps) + 1,
             temperature=ar_temp, top_k=top_k, top_p=top_p, generator=gen, prefix_list=[pre[:, 0] for pre in prefixes],
-            ras=ras, ras_window=ras_window, ras_threshold=ras_threshold, max_lens=[n + 1 for n in limits],
+            ras=ras, ras_window=ras_window, ras_threshold=ras_threshold, max_lens=[m + 1 for m in limits],
         )  # b x (t_new,) codebook 1, prefix excluded
-        hit = [len(x) > n for x, n in zip(new, limits)]  # the AR was stopped at its limit, not by its stop token
-        new = [x[:n] for x, n in zip(new, limits)]
+        hit = [len(x) > m for x, m in zip(new, limits)]  # the AR was stopped at its limit, not by its stop token
+        new = [x[:m] for x, m in zip(new, limits)]
         n_levels = self.nar.config.n_resp_levels
-        full: list[Optional[Tensor]] = [None] * len(batch)
-        live = [i for i in range(len(batch)) if len(prefixes[i]) + len(new[i]) > 0]
+        full: list[Optional[Tensor]] = [None] * n
+        live = [i for i in range(n) if len(prefixes[i]) + len(new[i]) > 0]
         if live:
             texts = [batch[i]["nar_text"] for i in live]
             lproms = [proms[i] for i in live]
             lpre = [prefixes[i] for i in live]
+            pick = lambda v, name: v if not isinstance(v, (list, tuple)) else [per_sample(v, n, name)[i] for i in live]  # noqa: E731
+            nar_gen, nar_t = pick(gen, "generator"), pick(nar_temp, "nar_temp")
             resps = [torch.cat([lpre[j][:, 0], new[i]])[:, None] for j, i in enumerate(live)]  # (t, 1)
             if all(len(p) == 0 for p in lpre):
-                resps = self.nar.generate(texts, lproms, resps, temperature=nar_temp, generator=gen, max_levels=n_levels)
+                resps = self.nar.generate(texts, lproms, resps, temperature=nar_t, generator=nar_gen, max_levels=n_levels)
             else:
                 # one level at a time so the reference frames keep their true codes as the context of every level
                 for level in range(1, n_levels):
-                    resps = self.nar.generate(texts, lproms, resps, temperature=nar_temp, generator=gen, max_levels=level + 1)
+                    resps = self.nar.generate(texts, lproms, resps, temperature=nar_t, generator=nar_gen,
+                                              max_levels=level + 1)
                     resps = [torch.cat([p[:, : level + 1], r[len(p):]]) for p, r in zip(lpre, resps)]
             for j, i in enumerate(live):
                 full[i] = resps[j]
-        return [self.finish(full[i], len(prefixes[i]), hit[i], guards[i], max_ar_steps, -1, p["phones"], limits[i])
+        return [self.finish(full[i], len(prefixes[i]), hit[i], guards[i], steps[i], -1, p["phones"], limits[i])
                 for i, p in enumerate(batch)]
 
     def finish(self, codes: Optional["Tensor"], t_pre: int, hit: bool, guard: Optional[int], max_ar_steps: int,

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from .base import IGNORE, Base, ModelOutput, arange_cat, device_ints, sample_logits, select_spans
+from .base import IGNORE, Base, ModelOutput, arange_cat, device_ints, per_sample, sample_logits, select_spans
 
 
 class NAR(Base):
@@ -137,8 +137,8 @@ class NAR(Base):
         text_list: list[Tensor],
         proms_list: list[Tensor],
         resps_list: list[Tensor],
-        temperature: float = 0.0,
-        generator: Optional[torch.Generator] = None,
+        temperature: float | Sequence[float] = 0.0,
+        generator: Optional[torch.Generator | Sequence[torch.Generator]] = None,
         max_levels: int = 8,
     ) -> list[Tensor]:
         """Fill in the missing levels of every response, one pass per level.
@@ -148,8 +148,10 @@ class NAR(Base):
             proms_list: b x ``(t_prom, 8)`` prompt codes.
             resps_list: b x ``(t_resp, l)`` the known levels (``l >= 1``, the same for all samples;
                 a 1-D tensor counts as ``l = 1``).
-            temperature: 0 is greedy (default); small values (e.g. 0.2) sample near-greedily.
-            generator: random source when sampling.
+            temperature: 0 is greedy (default); small values (e.g. 0.2) sample near-greedily. A list
+                gives each sample its own.
+            generator: random source when sampling; a list gives each sample its own, so a sample's
+                codes do not depend on the rest of the batch (see :meth:`vall_e.ar.AR.generate`).
             max_levels: fill levels up to this count (at most ``n_resp_levels``).
         Returns:
             b x ``(t_resp, max_levels)`` codes.
@@ -164,13 +166,21 @@ class NAR(Base):
         if not 1 <= max_levels <= self.config.n_resp_levels:
             raise ValueError(f"max_levels must be within 1..{self.config.n_resp_levels}, got {max_levels}")
         lens = [len(r) for r in resps_list]
+        b = len(resps_list)
+        per_row = isinstance(generator, (list, tuple)) or isinstance(temperature, (list, tuple))
+        if per_row:
+            samplers = list(zip(per_sample(generator, b, "generator"), per_sample(temperature, b, "temperature")))
         was_training = self.training
         self.eval()
         try:
             for level in range(known.pop(), max_levels):
                 quant_levels = torch.full((len(resps_list),), level, device=self.device)
                 logits, _ = self._response_logits(text_list, proms_list, resps_list, quant_levels, level)
-                codes = sample_logits(logits, temperature, generator=generator).split(lens)
+                if per_row:
+                    codes = [sample_logits(lg, temp, generator=gen)
+                             for lg, (gen, temp) in zip(logits.split(lens), samplers)]
+                else:
+                    codes = sample_logits(logits, temperature, generator=generator).split(lens)
                 resps_list = [torch.cat([r, c[:, None]], dim=1) for r, c in zip(resps_list, codes)]
         finally:
             self.train(was_training)

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Optional, Union
 
 from . import audio
 from .batcher import Batcher, Job
-from .engine import Row, Sampling, ServingSynthesizer, generate_one_by_one, generate_rows, supports_rows
+from .engine import Row, Sampling, ServingSynthesizer
 from .text import split_sentences
 from .voices import VoiceError, VoiceStore
 
@@ -106,9 +106,6 @@ class Service:
         self.settings = settings
         self.voices = VoiceStore(settings.voices_dir, max_seconds=settings.max_voice_seconds,
                                  max_voices=settings.max_voices)
-        self.row_batching = supports_rows(synth)
-        if not self.row_batching:
-            logger.warning("this AR is not plain one-code-per-step VALL-E: requests are synthesized one at a time")
         self.preparing = 0  # accepted requests whose sentences are being prepared
         self.batcher = Batcher(self.run_rows, settings.max_batch, settings.batch_window_s,
                                max_wait_s=max(settings.batch_window_s, 0.25), preparing=lambda: self.preparing,
@@ -125,9 +122,7 @@ class Service:
 
     def run_rows(self, rows: list[Row]) -> list[Any]:
         """One batch (in one of the batcher's threads, maybe beside another batch)."""
-        if self.row_batching:
-            return generate_rows(self.synth, rows)
-        return generate_one_by_one(self.synth, rows)
+        return self.synth.generate(rows)
 
     def warm_up(self) -> None:
         """Load the codec and g2p now, so the first request does not pay for them."""
@@ -198,7 +193,6 @@ class Service:
             "queue": {"requests": self.in_flight(), "refused": self.refused, "served": self.requests},
             "batches": self.batcher.stats(),
             "torch_threads": torch.get_num_threads(),  # per worker
-            "row_batching": self.row_batching,
         }
 
 
