@@ -626,8 +626,10 @@ class Synthesizer:
             texts = [batch[i]["nar_text"] for i in live]
             lproms = [proms[i] for i in live]
             lpre = [prefixes[i] for i in live]
-            pick = lambda v, name: v if not isinstance(v, (list, tuple)) else [per_sample(v, n, name)[i] for i in live]  # noqa: E731
-            nar_gen, nar_t = pick(gen, "generator"), pick(nar_temp, "nar_temp")
+            nar_gen, nar_t = gen, nar_temp
+            if isinstance(gen, (list, tuple)) or isinstance(nar_temp, (list, tuple)):  # the live requests' own
+                gens, temps = per_sample(gen, n, "generator"), per_sample(nar_temp, n, "nar_temp")
+                nar_gen, nar_t = [gens[i] for i in live], [temps[i] for i in live]
             resps = [torch.cat([lpre[j][:, 0], new[i]])[:, None] for j, i in enumerate(live)]  # (t, 1)
             if all(len(p) == 0 for p in lpre):
                 resps = self.nar.generate(texts, lproms, resps, temperature=nar_t, generator=nar_gen, max_levels=n_levels)
