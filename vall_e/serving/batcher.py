@@ -190,7 +190,7 @@ class Batcher:
                 # give a lone job a moment for company, counted from when it arrived, and a longer one
                 # while accepted requests are still being prepared
                 first = self._queue[0].queued_at
-                while len(self._queue) < self.max_batch and not self._blocked() and not self._closing:
+                while 0 < len(self._queue) < self.max_batch and not self._blocked() and not self._closing:
                     deadline = first + (self.max_wait_s if self.preparing() > 0 else self.window_s)
                     left = deadline - time.monotonic()
                     if left <= 0:
