@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,25 @@ def test_over_long_utterances_are_left_out_and_reported(fabricated, caplog):
         batch = sampler.batch(k)
         costs = [int(bundle.own_cost(np.array([d.index]))[0] + bundle.n_frames[list(d.prompts)].sum()) for d in batch]
         assert len(costs) * max(costs) <= 1500
+
+
+def test_loader_workers_leave_ctrl_c_to_the_main_process(fabricated):
+    """Ctrl-C reaches the whole process group: a worker must survive it, or the batch it was handing
+    over is lost and the main process fails before the save it is about to make."""
+    import signal
+
+    bundle = load_data(cfg_for(fabricated, batch_frames=6000, nj=1))
+    it = iter(bundle.train_loader(rank=0, start_batch=0))
+    first = next(it)
+    (worker,) = it._workers
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        os.kill(worker.pid, sig)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    for _ in range(6):  # past the batches prefetched before the signals
+        assert next(it)["resps"]
+    assert first["resps"]
+    it._shutdown_workers()
 
 
 def test_loader_batches_match_the_sampler_and_report_lengths(fabricated):

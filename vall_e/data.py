@@ -277,6 +277,17 @@ class _BadExample(Exception):
         self.path = path
 
 
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGINT and SIGTERM: only the main process acts on them (it finishes
+    its step and saves). Ctrl-C reaches the whole process group, and SLURM signals every process of a
+    job step; a worker that died of the signal would take with it a batch it was still handing over,
+    and the main process would fail before its save. Workers still end with the main process."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class VALLEDataset(Dataset):
     """Examples for the models, indexed by :class:`~vall_e.sampler.Draw`:
     ``{"text": (t,), "proms": (t', 8), "resps": (t'', 8), "span": (start, length) | None, "path": str,
@@ -475,6 +486,7 @@ class DataBundle:
             pin_memory=cfg.device.startswith("cuda"),
             # its own generator: starting an iterator must not draw from the global RNG (exact resume)
             generator=torch.Generator().manual_seed(cfg.seed + rank),
+            worker_init_fn=leave_stop_signals_to_the_main_process if cfg.nj > 0 else None,
         )
 
     def eval_draws(self, split: str) -> list[Draw]:
